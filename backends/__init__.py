@@ -1,0 +1,19 @@
+"""Runtimes behind one small interface: numpy arrays in, numpy arrays out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, TensorSpec
+
+
+def load_backend(kind: str, model: bytes | Path, options: BackendOptions | None = None) -> Backend:
+    """Create a backend of the named kind for an ONNX model (bytes or a local file)."""
+    if kind.startswith("onnxruntime-"):
+        from backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(model, options, kind=kind)
+    raise BackendUnavailable(f"unknown backend {kind!r}")
+
+
+__all__ = ["Backend", "BackendError", "BackendOptions", "BackendUnavailable", "TensorSpec", "load_backend"]

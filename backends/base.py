@@ -1,0 +1,69 @@
+"""The backend interface: numpy in, numpy out. Backends know nothing of HTTP or the catalogue."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # KServe v2 name: FP32, INT64, ...
+    shape: tuple[int, ...]  # -1 marks a dynamic dimension
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class BackendError(RuntimeError):
+    """The runtime failed to load or run a model."""
+
+
+class BackendUnavailable(BackendError):
+    """The runtime (or the device it needs) is not present on this machine."""
+
+
+@dataclass
+class BackendOptions:
+    intra_op_threads: int = 0  # 0: the runtime's default
+    inter_op_threads: int = 1
+    precision: str = "fp32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """A loaded model on one runtime and device. ``infer`` may be called from several threads."""
+
+    #: stable label used in metrics and metadata, e.g. "onnxruntime-cpu"
+    name: str = "abstract"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @abstractmethod
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the model. ``outputs`` limits which outputs are computed and returned."""
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run one inference on zeros so first requests don't pay for lazy initialisation."""
+        feeds = {t.name: np.zeros(_concrete(t.shape, batch_size), dtype=_np(t.datatype)) for t in self.inputs}
+        self.infer(feeds)
+
+    def unload(self) -> None:  # noqa: B027 - optional hook
+        """Free the runtime's resources."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name}
+
+
+def _np(dt: str) -> np.dtype:
+    from backends.datatypes import numpy_dtype
+
+    return numpy_dtype(dt)
+
+
+def _concrete(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
+    return tuple((batch if i == 0 else 1) if d < 0 else d for i, d in enumerate(shape))

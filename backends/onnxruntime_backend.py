@@ -1,0 +1,86 @@
+"""ONNX Runtime backends (CPU here; the GPU issue adds the CUDA and TensorRT execution providers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable
+from backends.onnx_model import inspect_model, parse_model
+
+try:
+    import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as _OrtInvalidArgument
+except ImportError:  # pragma: no cover - the install always carries one ONNX Runtime flavour
+    ort = None  # type: ignore[assignment]
+    _OrtInvalidArgument = Exception  # type: ignore[assignment,misc]
+
+
+class InvalidInput(BackendError):
+    """The runtime refused the inputs (shape or type); the caller's fault, not the server's."""
+
+
+class OnnxRuntimeBackend(Backend):
+    """A model on ONNX Runtime with one execution provider, chosen explicitly."""
+
+    PROVIDERS = {"onnxruntime-cpu": "CPUExecutionProvider"}
+
+    def __init__(
+        self,
+        model: bytes | Path,
+        options: BackendOptions | None = None,
+        kind: str = "onnxruntime-cpu",
+    ) -> None:
+        if ort is None:
+            raise BackendUnavailable("onnxruntime is not installed (pip install 'slimserve[cpu]')")
+        if kind not in self.PROVIDERS:
+            raise BackendUnavailable(f"unknown ONNX Runtime backend {kind!r}")
+        provider = self.PROVIDERS[kind]
+        if provider not in ort.get_available_providers():
+            raise BackendUnavailable(f"{provider} is not available in this onnxruntime build")
+        opts = options or BackendOptions()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if opts.intra_op_threads:
+            so.intra_op_num_threads = opts.intra_op_threads
+        so.inter_op_num_threads = max(1, opts.inter_op_threads)
+        so.log_severity_level = 3
+        data = model.read_bytes() if isinstance(model, Path) else model
+        proto = parse_model(data)
+        info = inspect_model(proto)
+        try:
+            self._session = ort.InferenceSession(data, sess_options=so, providers=[provider])
+        except Exception as e:
+            raise BackendError(f"ONNX Runtime could not load the model: {_first_line(e)}") from None
+        self.name = kind
+        self.inputs = info.inputs
+        self.outputs = info.outputs
+        self._output_names = [o.name for o in self.outputs]
+        self._run_options = ort.RunOptions()
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = outputs or self._output_names
+        try:
+            results = self._session.run(names, inputs, self._run_options)
+        except _OrtInvalidArgument as e:
+            raise InvalidInput(_first_line(e)) from None
+        except Exception as e:
+            raise BackendError(f"inference failed: {_first_line(e)}") from None
+        return dict(zip(names, results, strict=True))
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "providers": self._session.get_providers(), "onnxruntime": ort.__version__}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:500]
+
+
+def available_backends() -> list[str]:
+    if ort is None:
+        return []
+    providers = set(ort.get_available_providers())
+    return [k for k, p in OnnxRuntimeBackend.PROVIDERS.items() if p in providers]

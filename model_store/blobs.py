@@ -1,0 +1,159 @@
+"""Content-addressed artifact storage.
+
+Blobs are immutable and named by the sha256 of their bytes. A write goes to a temporary file in the
+same directory, is fsynced, then renamed into place (and the directory fsynced), so a crash at any
+moment leaves either no blob or the whole blob visible, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+
+class BlobNotFound(KeyError):
+    """No blob with that digest exists."""
+
+
+def check_digest(digest: str) -> str:
+    """Return ``digest`` if it is a lowercase sha256 hex string; raise ValueError otherwise.
+
+    Digests become path components, so this is the path check for every blob operation.
+    """
+    if not _SHA256.match(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return digest
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobStore(ABC):
+    """Where artifacts live at rest. Implementations: local directory, S3-compatible storage."""
+
+    @abstractmethod
+    def put_file(self, path: Path, digest: str | None = None) -> str:
+        """Store the file at ``path`` (read, not moved) and return its sha256."""
+
+    def put_bytes(self, data: bytes) -> str:
+        with tempfile.NamedTemporaryFile(delete=False) as tmp:
+            tmp.write(data)
+        try:
+            return self.put_file(Path(tmp.name), sha256_bytes(data))
+        finally:
+            os.unlink(tmp.name)
+
+    @abstractmethod
+    def local_path(self, digest: str) -> Path:
+        """A local file holding the blob (downloaded to a cache first for remote stores)."""
+
+    def get_bytes(self, digest: str) -> bytes:
+        return self.local_path(digest).read_bytes()
+
+    @abstractmethod
+    def exists(self, digest: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, digest: str) -> None: ...
+
+    @abstractmethod
+    def list_digests(self) -> Iterator[tuple[str, float]]:
+        """Yield (digest, modification time) of every stored blob."""
+
+    def cleanup_temporaries(self) -> int:
+        """Remove leftovers of interrupted writes; return how many were removed."""
+        return 0
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs under ``root/sha256/ab/abcdef...``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._blobs = self.root / "sha256"
+        self._tmp = self.root / "tmp"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, digest: str) -> Path:
+        check_digest(digest)
+        return self._blobs / digest[:2] / digest
+
+    def put_file(self, path: Path, digest: str | None = None) -> str:
+        # Copy through a temp file while hashing: the digest is computed from the bytes actually
+        # written, so a caller-supplied digest can never name a blob with other contents.
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
+        h = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                while chunk := src.read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            actual = h.hexdigest()
+            if digest is not None and digest != actual:
+                raise ValueError("blob changed while it was being stored")
+            final = self._path(actual)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                os.unlink(tmp_name)
+            else:
+                os.replace(tmp_name, final)
+                _fsync_dir(final.parent)
+            return actual
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+
+    def local_path(self, digest: str) -> Path:
+        p = self._path(digest)
+        if not p.is_file():
+            raise BlobNotFound(digest)
+        return p
+
+    def exists(self, digest: str) -> bool:
+        return self._path(digest).is_file()
+
+    def delete(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(digest).unlink()
+
+    def list_digests(self) -> Iterator[tuple[str, float]]:
+        for sub in self._blobs.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if _SHA256.match(f.name):
+                    yield f.name, f.stat().st_mtime
+
+    def cleanup_temporaries(self) -> int:
+        n = 0
+        for f in self._tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+                n += 1
+        return n
+
+    def spool_dir(self) -> Path:
+        """A directory on the same filesystem for callers that stage uploads."""
+        return self._tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,56 @@
+"""The model store: blobs (artifacts at rest) plus the catalogue (what they are)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from model_store.blobs import BlobStore
+from model_store.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GcReport:
+    temporaries: int
+    orphans: int
+    missing: list[str]
+
+
+class ModelStore:
+    """Blobs are written before the catalogue rows that name them, and removed only after those rows
+    are gone, so the catalogue never names a missing blob. A crash can leave an unreferenced blob
+    behind; ``collect`` removes those once they are older than a grace period (a concurrent upload may
+    have just written one that its transaction has not committed yet)."""
+
+    def __init__(self, blobs: BlobStore, catalog: Catalog) -> None:
+        self.blobs = blobs
+        self.catalog = catalog
+
+    def collect(self, grace_seconds: float = 300.0) -> GcReport:
+        temporaries = self.blobs.cleanup_temporaries() if grace_seconds <= 0 else 0
+        referenced = self.catalog.referenced_digests()
+        cutoff = time.time() - grace_seconds
+        orphans = 0
+        present: set[str] = set()
+        for digest, mtime in list(self.blobs.list_digests()):
+            present.add(digest)
+            if digest not in referenced and mtime < cutoff:
+                self.blobs.delete(digest)
+                orphans += 1
+        missing = sorted(referenced - present)
+        if missing:
+            log.error("catalogue names %d blobs that are missing: %s", len(missing), missing[:5])
+        return GcReport(temporaries, orphans, missing)
+
+    def startup_check(self) -> GcReport:
+        """Run once before serving: drop half-written temporaries and orphans older than the grace."""
+        temporaries = self.blobs.cleanup_temporaries()
+        report = self.collect()
+        report.temporaries = temporaries
+        return report
+
+    def close(self) -> None:
+        self.catalog.close()

@@ -1,0 +1,95 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import __version__
+from service.context import AppContext
+from service.errors import ApiError
+from service.settings import Settings
+
+log = logging.getLogger("slimserve")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    ctx = AppContext.build(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        report = await asyncio.to_thread(ctx.store.startup_check)
+        if report.temporaries or report.orphans or report.missing:
+            log.warning(
+                "store check: %d temporaries and %d orphan blobs removed, %d missing",
+                report.temporaries,
+                report.orphans,
+                len(report.missing),
+            )
+        await ctx.registry.sync(force=True)
+        syncer = asyncio.create_task(_sync_loop(ctx))
+        try:
+            yield
+        finally:
+            ctx.shutting_down = True
+            syncer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await syncer
+            await ctx.registry.close()
+            ctx.store.close()
+
+    app = FastAPI(
+        title="slimserve",
+        version=__version__,
+        summary="Compress ONNX models and serve them over the KServe v2 / Open Inference Protocol.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors()[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    from service.routes import management, metrics, repository, v2
+
+    app.include_router(v2.router)
+    app.include_router(repository.router)
+    app.include_router(management.router)
+    app.include_router(metrics.router)
+    return app
+
+
+async def _sync_loop(ctx: AppContext) -> None:
+    while True:
+        await asyncio.sleep(ctx.settings.sync_interval_s)
+        try:
+            await ctx.registry.sync()
+        except Exception:
+            log.exception("catalogue sync failed; retrying")

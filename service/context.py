@@ -1,0 +1,28 @@
+"""Everything a request handler needs, built once per app from its settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model_store import Catalog, LocalBlobStore, ModelStore
+from service.metrics import Metrics
+from service.registry import Registry
+from service.settings import Settings
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    store: ModelStore
+    metrics: Metrics
+    registry: Registry
+    shutting_down: bool = False
+    background: set[object] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, settings: Settings) -> AppContext:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        blobs = LocalBlobStore(settings.resolved_blob_dir)
+        store = ModelStore(blobs, Catalog(settings.resolved_database_url))
+        metrics = Metrics()
+        return cls(settings, store, metrics, Registry(settings, store, metrics))

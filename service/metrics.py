@@ -1,0 +1,180 @@
+"""Prometheus metrics, defined once on an injectable registry.
+
+Base units with unit suffixes, histograms (not summaries) so quantiles aggregate across replicas, and
+bounded labels: model, version, variant, backend. Children are bound once per served variant at load
+time (``VariantMetrics``), so the request path does no label lookups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LABELS = ("model", "version", "variant", "backend")
+# Latency buckets from 100 us to 30 s: CPU small models sit at the low end, large batches at the top.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "slimserve_request_duration_seconds",
+            "Inference request time inside the server, from body received to response built.",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "slimserve_queue_duration_seconds",
+            "Time a request waited in the scheduler queue before its batch started.",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "slimserve_compute_duration_seconds",
+            "Backend execution time of the batch that carried a request.",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "slimserve_batch_size",
+            "Requests merged into one backend execution.",
+            LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "slimserve_requests_total",
+            "Inference requests by outcome (success, client_error, server_error, rejected, timeout).",
+            (*LABELS, "outcome"),
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "slimserve_inflight_requests",
+            "Inference requests being handled now.",
+            LABELS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "slimserve_queue_depth",
+            "Requests waiting in the scheduler queue.",
+            LABELS,
+            registry=r,
+        )
+        self.load_duration = Histogram(
+            "slimserve_model_load_duration_seconds",
+            "Time to load and warm up one variant on one backend.",
+            LABELS,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.variant_size = Gauge(
+            "slimserve_variant_size_bytes",
+            "Stored size of a variant's artifact.",
+            LABELS,
+            registry=r,
+        )
+        self.variant_accuracy_delta = Gauge(
+            "slimserve_variant_accuracy_delta",
+            "Measured accuracy change of a variant against the original (negative: a loss).",
+            LABELS,
+            registry=r,
+        )
+        self.variant_ready = Gauge(
+            "slimserve_variant_ready",
+            "1 when the variant is loaded and serving.",
+            LABELS,
+            registry=r,
+        )
+        self.jobs = Counter(
+            "slimserve_jobs_total",
+            "Jobs finished, by kind and final state.",
+            ("kind", "state"),
+            registry=r,
+        )
+
+    def bind(self, model: str, version: int, variant: str, backend: str) -> VariantMetrics:
+        lv = (model, str(version), variant, backend)
+        return VariantMetrics(
+            labels=lv,
+            request=self.request_duration.labels(*lv),
+            queue=self.queue_duration.labels(*lv),
+            compute=self.compute_duration.labels(*lv),
+            batch=self.batch_size.labels(*lv),
+            ok=self.requests.labels(*lv, "success"),
+            client_error=self.requests.labels(*lv, "client_error"),
+            server_error=self.requests.labels(*lv, "server_error"),
+            rejected=self.requests.labels(*lv, "rejected"),
+            timeout=self.requests.labels(*lv, "timeout"),
+            inflight=self.inflight.labels(*lv),
+            queue_depth=self.queue_depth.labels(*lv),
+            load=self.load_duration.labels(*lv),
+            size=self.variant_size.labels(*lv),
+            accuracy_delta=self.variant_accuracy_delta.labels(*lv),
+            ready=self.variant_ready.labels(*lv),
+        )
+
+    def forget(self, vm: VariantMetrics) -> None:
+        """Drop an unloaded variant's series so label sets stay bounded by what is loaded."""
+        for metric in (
+            self.request_duration,
+            self.queue_duration,
+            self.compute_duration,
+            self.batch_size,
+            self.inflight,
+            self.queue_depth,
+            self.load_duration,
+            self.variant_size,
+            self.variant_accuracy_delta,
+            self.variant_ready,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(*vm.labels)
+        for outcome in ("success", "client_error", "server_error", "rejected", "timeout"):
+            with contextlib.suppress(KeyError):
+                self.requests.remove(*vm.labels, outcome)
+
+
+@dataclass
+class VariantMetrics:
+    labels: tuple[str, str, str, str]
+    request: Histogram
+    queue: Histogram
+    compute: Histogram
+    batch: Histogram
+    ok: Counter
+    client_error: Counter
+    server_error: Counter
+    rejected: Counter
+    timeout: Counter
+    inflight: Gauge
+    queue_depth: Gauge
+    load: Histogram
+    size: Gauge
+    accuracy_delta: Gauge
+    ready: Gauge

@@ -1,0 +1,333 @@
+"""Dynamic batching and model instances for one served variant.
+
+Each instance is a backend object driven by its own worker thread (ONNX Runtime releases the GIL while
+it computes, so threads run in parallel). Requests wait in one bounded queue; an idle worker takes the
+oldest request and every queued request compatible with it (same non-batch shapes, dtypes and requested
+outputs) up to ``max_batch_size``, optionally waiting up to ``max_queue_delay`` for a preferred size.
+With a delay of 0 (the default) nothing waits: a batch forms only from requests that queued while the
+instances were busy, so an idle server answers at single-request latency and a loaded one batches.
+
+Written by hand rather than taken from a library: no maintained Python package batches numpy requests
+across threads with Triton's semantics (preferred sizes, per-request timeouts, shape-aware grouping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backends import Backend, BackendError
+from backends.onnxruntime_backend import InvalidInput
+from service.errors import ApiError, BadRequest, Unavailable
+from service.metrics import VariantMetrics
+
+
+class QueueTimeout(Unavailable):
+    """The request's deadline passed while it waited (Triton answers UNAVAILABLE too)."""
+
+
+class QueueFull(Unavailable):
+    """The bounded queue is full: shed load fast, with Retry-After."""
+
+
+@dataclass
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def to_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class Stats:
+    """Counters for Triton's statistics extension (GET /v2/models/{m}/stats)."""
+
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute_input: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batch: dict[int, tuple[_Duration, _Duration, _Duration]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def to_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {
+                    "success": self.success.to_dict(),
+                    "fail": self.fail.to_dict(),
+                    "queue": self.queue.to_dict(),
+                    "compute_input": self.compute_input.to_dict(),
+                    "compute_infer": self.compute_infer.to_dict(),
+                    "compute_output": self.compute_output.to_dict(),
+                    "cache_hit": {"count": 0, "ns": 0},
+                    "cache_miss": {"count": 0, "ns": 0},
+                },
+                "batch_stats": [
+                    {
+                        "batch_size": bs,
+                        "compute_input": ci.to_dict(),
+                        "compute_infer": cf.to_dict(),
+                        "compute_output": co.to_dict(),
+                    }
+                    for bs, (ci, cf, co) in sorted(self.batch.items())
+                ],
+            }
+
+
+@dataclass(eq=False)
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...] | None
+    rows: int
+    key: tuple[Any, ...]
+    enqueued_ns: int
+    deadline_ns: int | None
+    future: asyncio.Future[tuple[dict[str, np.ndarray], int]]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int  # 0: the model has no batch dimension, never merge
+    batching: bool
+    max_queue_delay_ns: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_size: int
+    default_timeout_ns: int | None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        label: str,
+        instances: list[Backend],
+        config: SchedulerConfig,
+        metrics: VariantMetrics,
+        stats: Stats,
+    ) -> None:
+        if not instances:
+            raise ValueError("a scheduler needs at least one instance")
+        self.label = label
+        self.config = config
+        self.metrics = metrics
+        self.stats = stats
+        self._instances = instances
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._merge = config.batching and config.max_batch_size > 1
+        self._threads = [
+            threading.Thread(target=self._work, args=(b,), name=f"slimserve-{label}-{i}", daemon=True)
+            for i, b in enumerate(instances)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- called on the event loop -----------------------------------------------------------------
+
+    def submit(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: tuple[str, ...] | None,
+        rows: int,
+        timeout_ns: int | None = None,
+    ) -> asyncio.Future[tuple[dict[str, np.ndarray], int]]:
+        """Queue a request; the future resolves to (outputs, queue_ns) or raises an ApiError."""
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter_ns()
+        timeout_ns = timeout_ns or self.config.default_timeout_ns
+        key = (
+            tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()) if self._merge else None,
+            outputs,
+        )
+        p = _Pending(
+            inputs, outputs, rows, key, now, now + timeout_ns if timeout_ns else None, loop.create_future(), loop
+        )
+        with self._cond:
+            if self._stopped:
+                raise Unavailable("the model is being unloaded", retry_after=1)
+            if len(self._queue) >= self.config.max_queue_size:
+                self.metrics.rejected.inc()
+                raise QueueFull(
+                    f"the queue of {self.label} is full ({self.config.max_queue_size} requests)", retry_after=1
+                )
+            self._queue.append(p)
+            self._cond.notify()
+        self.metrics.queue_depth.inc()
+        return p.future
+
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    # -- worker threads -------------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Pending] | None:
+        cfg = self.config
+        with self._cond:
+            while not self._queue and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                return None
+            first = self._queue.popleft()
+            batch = [first]
+            if not self._merge:
+                return batch
+            rows = first.rows
+            wait_until = first.enqueued_ns + cfg.max_queue_delay_ns
+            while True:
+                rows = self._gather(batch, rows)
+                if rows >= cfg.max_batch_size or cfg.max_queue_delay_ns == 0:
+                    break
+                if cfg.preferred_batch_sizes and rows in cfg.preferred_batch_sizes:
+                    break
+                remaining = wait_until - time.perf_counter_ns()
+                if remaining <= 0 or self._stopped:
+                    break
+                self._cond.wait(remaining / 1e9)
+            return batch
+
+    def _gather(self, batch: list[_Pending], rows: int) -> int:
+        """Move compatible queued requests into ``batch`` (lock held). Returns the new row count."""
+        key = batch[0].key
+        limit = self.config.max_batch_size
+        keep: deque[_Pending] = deque()
+        while self._queue:
+            p = self._queue.popleft()
+            if p.key == key and rows + p.rows <= limit:
+                batch.append(p)
+                rows += p.rows
+                if rows >= limit:
+                    break
+            else:
+                keep.append(p)
+        if keep:
+            keep.extend(self._queue)
+            self._queue = keep
+        return rows
+
+    def _work(self, backend: Backend) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            self._run(backend, batch)
+
+    def _run(self, backend: Backend, batch: list[_Pending]) -> None:
+        m = self.metrics
+        m.queue_depth.dec(len(batch))
+        start = time.perf_counter_ns()
+        live: list[_Pending] = []
+        for p in batch:
+            if p.deadline_ns is not None and start > p.deadline_ns:
+                m.timeout.inc()
+                _resolve(p, exc=QueueTimeout("the request timed out in the queue", retry_after=1))
+            else:
+                live.append(p)
+        if not live:
+            return
+        try:
+            if len(live) == 1:
+                feeds = live[0].inputs
+            else:
+                feeds = {n: np.concatenate([p.inputs[n] for p in live]) for n in live[0].inputs}
+            t_in = time.perf_counter_ns()
+            outs = backend.infer(feeds, list(live[0].outputs) if live[0].outputs else None)
+            t_inf = time.perf_counter_ns()
+            parts = [outs] if len(live) == 1 else _split(outs, [p.rows for p in live])
+            t_out = time.perf_counter_ns()
+        except InvalidInput as e:
+            for p in live:
+                _resolve(p, exc=BadRequest(f"the model refused the input: {e}"))
+            return
+        except (BackendError, ApiError, ValueError) as e:
+            for p in live:
+                _resolve(p, exc=e if isinstance(e, ApiError) else BadRequest(str(e)))
+            return
+        except Exception as e:  # the runtime must never take a worker thread down
+            for p in live:
+                _resolve(p, exc=Unavailable(f"inference failed: {type(e).__name__}: {e}"))
+            return
+        n = len(live)
+        rows = sum(p.rows for p in live)
+        compute_s = (t_inf - t_in) / 1e9
+        st = self.stats
+        with st.lock:
+            st.execution_count += 1
+            st.inference_count += rows
+            st.compute_input.add(t_in - start, n)
+            st.compute_infer.add(t_inf - t_in, n)
+            st.compute_output.add(t_out - t_inf, n)
+            for p in live:
+                st.queue.add(start - p.enqueued_ns)
+            bs = st.batch.get(rows)
+            if bs is None:
+                bs = st.batch[rows] = (_Duration(), _Duration(), _Duration())
+            bs[0].add(t_in - start)
+            bs[1].add(t_inf - t_in)
+            bs[2].add(t_out - t_inf)
+            st.last_inference_ms = time.time_ns() // 1_000_000
+        m.batch.observe(rows)
+        for p, out in zip(live, parts, strict=True):
+            m.queue.observe((start - p.enqueued_ns) / 1e9)
+            m.compute.observe(compute_s)
+            _resolve(p, result=(out, start - p.enqueued_ns))
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for p in pending:
+            _resolve(p, exc=Unavailable("the model was unloaded", retry_after=1))
+        for t in self._threads:
+            t.join(timeout=30)
+        for b in self._instances:
+            b.unload()
+
+
+def _split(outs: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
+    total = sum(rows)
+    bounds = np.cumsum([0, *rows])
+    parts: list[dict[str, np.ndarray]] = [{} for _ in rows]
+    for name, arr in outs.items():
+        if arr.ndim == 0 or arr.shape[0] != total:
+            raise BadRequest(f"output {name!r} has no batch dimension; set max_batch_size 0 for this model")
+        for i in range(len(rows)):
+            parts[i][name] = arr[bounds[i] : bounds[i + 1]]
+    return parts
+
+
+def _set(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return  # the caller gave up (client disconnected)
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+def _resolve(p: _Pending, result: Any = None, exc: BaseException | None = None) -> None:
+    # RuntimeError: the event loop is closed, nobody is waiting any more
+    with contextlib.suppress(RuntimeError):
+        p.loop.call_soon_threadsafe(_set, p.future, result, exc)

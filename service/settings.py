@@ -1,0 +1,62 @@
+"""Service settings, read from SLIMSERVE_* environment variables (or passed in by tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("./data")
+    #: SQLAlchemy URL; default: SQLite inside data_dir. PostgreSQL: postgresql+psycopg://user@host/db
+    database_url: str | None = None
+    #: where blobs live: a local directory by default
+    blob_dir: Path | None = None
+
+    admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
+    inference_token: SecretStr | None = None
+
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_infer_body_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+
+    #: defaults for models whose upload config does not say
+    default_max_batch_size: int = Field(32, ge=0)
+    default_instances: int = Field(1, ge=1, le=64)
+    default_max_queue_size: int = Field(1024, ge=1)
+    #: ONNX Runtime intra-op threads per instance (0: runtime default, all cores)
+    intra_op_threads: int = Field(0, ge=0)
+
+    #: how often (seconds) a replica polls the catalogue for versions added elsewhere
+    sync_interval_s: float = Field(2.0, gt=0)
+    #: orphan blobs younger than this are left alone by the collector
+    gc_grace_s: float = Field(300.0, ge=0)
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if self.admin_token is None and self.admin_token_file is not None:
+            self.admin_token = SecretStr(self.admin_token_file.read_text().strip())
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'catalog.db').resolve()}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+    def threads_per_instance(self, instances: int) -> int:
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, (os.cpu_count() or 1) // max(1, instances))

@@ -1,0 +1,92 @@
+"""Checking an upload completely before anything is written: ONNX structure, runtime load, calibration."""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from backends import Backend, BackendError
+from backends.datatypes import numpy_dtype
+from backends.onnx_model import InvalidModel, ModelInfo, load_and_inspect
+from service.errors import BadRequest
+from service.model_config import ModelConfig
+from service.registry import Registry
+
+MAX_CALIBRATION_ARRAYS = 64
+
+
+@dataclass
+class PreparedUpload:
+    info: ModelInfo
+    instances: list[Backend]
+    load_seconds: float
+    calibration_samples: int | None
+
+
+def check_calibration(data: bytes, info: ModelInfo) -> int:
+    """Validate a calibration .npz against the model's inputs; returns the number of samples."""
+    try:
+        npz = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise BadRequest(f"calibration is not a readable .npz file: {e}") from None
+    with npz:
+        names = list(npz.files)
+        if len(names) > MAX_CALIBRATION_ARRAYS:
+            raise BadRequest("calibration holds too many arrays")
+        specs = {t.name: t for t in info.inputs}
+        unknown = sorted(set(names) - set(specs))
+        missing = sorted(set(specs) - set(names))
+        if unknown or missing:
+            raise BadRequest(
+                f"calibration arrays must be named after the model's inputs {sorted(specs)}; "
+                f"unknown: {unknown}, missing: {missing}"
+            )
+        counts = set()
+        for name in names:
+            try:
+                arr = npz[name]
+            except (ValueError, OSError, zipfile.BadZipFile) as e:
+                raise BadRequest(f"calibration array {name!r} cannot be read: {e}") from None
+            spec = specs[name]
+            if arr.ndim != len(spec.shape):
+                raise BadRequest(
+                    f"calibration array {name!r} has shape {list(arr.shape)}; the model input has rank "
+                    f"{len(spec.shape)} ({list(spec.shape)}), samples on the first axis"
+                )
+            for i, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
+                if i > 0 and want >= 0 and got != want:
+                    raise BadRequest(
+                        f"calibration array {name!r} has shape {list(arr.shape)}, the input is {list(spec.shape)}"
+                    )
+            if not np.can_cast(arr.dtype, numpy_dtype(spec.datatype), casting="same_kind"):
+                raise BadRequest(f"calibration array {name!r} is {arr.dtype}, the input is {spec.datatype}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise BadRequest(f"calibration array {name!r} holds NaN or infinite values")
+            counts.add(arr.shape[0])
+        if len(counts) != 1 or math.prod(counts) < 1:
+            raise BadRequest(f"calibration arrays must agree on a non-zero sample count, got {sorted(counts)}")
+        return counts.pop()
+
+
+def prepare_upload(
+    registry: Registry, model_bytes: bytes, config: ModelConfig, calibration: bytes | None
+) -> PreparedUpload:
+    """Blocking: parse, check, load on the runtime and warm up. Raises BadRequest saying what is wrong."""
+    try:
+        _, info = load_and_inspect(model_bytes)
+    except InvalidModel as e:
+        raise BadRequest(str(e)) from None
+    samples = check_calibration(calibration, info) if calibration is not None else None
+    t0 = time.perf_counter()
+    try:
+        instances = registry.build_instances(model_bytes, config)
+    except BackendError as e:
+        raise BadRequest(f"the model does not load or run: {e}") from None
+    except (MemoryError, ValueError) as e:
+        raise BadRequest(f"the model does not load or run: {type(e).__name__}: {e}") from None
+    return PreparedUpload(info, instances, time.perf_counter() - t0, samples)

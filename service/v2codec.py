@@ -1,0 +1,273 @@
+"""KServe v2 / Open Inference Protocol request and response bodies, with Triton's binary extension.
+
+A request body is a JSON object, optionally followed by raw tensor bytes; the
+``Inference-Header-Content-Length`` header then gives the JSON part's length. Binary inputs become
+numpy arrays that view the request body (no copy). Outputs go back as JSON ``data`` or, when asked for
+(``binary_data`` per output, or ``binary_data_output`` for all), as raw bytes after the JSON header.
+Decoding is hand-written, not pydantic: it is the hot path and the checks are specific to the model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from backends import TensorSpec
+from backends.datatypes import NUMPY_TO_V2, V2_TO_NUMPY
+from service.errors import BadRequest, PayloadTooLarge
+
+HEADER_LENGTH = "inference-header-content-length"
+MAX_JSON_DEPTH = 64
+
+
+@dataclass(slots=True)
+class DecodedRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    rows: int  # size of the batch dimension (1 for models without one)
+    outputs: tuple[str, ...] | None  # None: all outputs
+    binary: dict[str, bool]  # per requested output: send as binary
+    binary_default: bool
+    timeout_us: int | None
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    if not encoding or encoding == "identity":
+        return body
+    try:
+        if encoding == "gzip":
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            d = zlib.decompressobj()
+        else:
+            raise BadRequest(f"unsupported Content-Encoding {encoding!r} (gzip, deflate)")
+        out = d.decompress(body, limit + 1)
+    except (zlib.error, gzip.BadGzipFile) as e:
+        raise BadRequest(f"the body is not valid {encoding} data: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise PayloadTooLarge(f"the decompressed body is over the {limit}-byte limit")
+    return out
+
+
+def _depth_ok(obj: Any, depth: int = 0) -> bool:
+    if depth > MAX_JSON_DEPTH:
+        return False
+    if isinstance(obj, dict):
+        return all(_depth_ok(v, depth + 1) for v in obj.values())
+    if isinstance(obj, list):
+        # Tensor data lists are long and flat or regularly nested: checking the first item suffices.
+        return not obj or _depth_ok(obj[0], depth + 1)
+    return True
+
+
+def decode_request(
+    body: bytes | memoryview,
+    header_length: str | None,
+    inputs_spec: dict[str, TensorSpec],
+    output_names: frozenset[str],
+    max_batch_size: int,
+    max_elements: int = 1 << 28,
+) -> DecodedRequest:
+    if header_length is not None:
+        try:
+            json_len = int(header_length)
+        except ValueError:
+            raise BadRequest("Inference-Header-Content-Length must be an integer") from None
+        if not 0 < json_len <= len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {json_len} is outside the body ({len(body)} bytes)")
+    else:
+        json_len = len(body)
+    view = memoryview(body)
+    try:
+        req = orjson.loads(view[:json_len])
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"the request header is not valid JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise BadRequest("the request must be a JSON object")
+    if not _depth_ok(req):
+        raise BadRequest(f"the request JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    binary = view[json_len:]
+
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise BadRequest("'id' must be a string")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be an object")
+    timeout = params.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0):
+        raise BadRequest("the 'timeout' parameter must be a non-negative integer (microseconds)")
+    binary_default = bool(params.get("binary_data_output", False))
+
+    items = req.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise BadRequest("'inputs' must be a non-empty list")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    rows = 1
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadRequest("each input must be an object")
+        name = item.get("name")
+        spec = inputs_spec.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise BadRequest(f"unexpected inference input {name!r}; the model's inputs are {sorted(inputs_spec)}")
+        if name in arrays:
+            raise BadRequest(f"input {name!r} is given twice")
+        arr, used = _decode_tensor(item, spec, binary, offset, max_elements)
+        offset += used
+        arrays[name] = arr
+    missing = sorted(set(inputs_spec) - set(arrays))
+    if missing:
+        raise BadRequest(f"missing inputs {missing}")
+    if offset != len(binary):
+        raise BadRequest(f"the body carries {len(binary)} bytes of binary data but the inputs declare {offset}")
+    if max_batch_size > 0:
+        batch_sizes = {a.shape[0] for a in arrays.values()}
+        if len(batch_sizes) != 1:
+            raise BadRequest(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
+        rows = batch_sizes.pop()
+        if rows > max_batch_size:
+            raise BadRequest(f"batch size {rows} is over the model's max_batch_size {max_batch_size}")
+        if rows < 1:
+            raise BadRequest("the batch size must be at least 1")
+
+    outputs, per_output = _decode_outputs(req.get("outputs"), output_names, binary_default)
+    return DecodedRequest(rid, arrays, rows, outputs, per_output, binary_default, timeout)
+
+
+def _decode_tensor(
+    item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: int, max_elements: int
+) -> tuple[np.ndarray, int]:
+    name = spec.name
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    datatype = item.get("datatype")
+    if datatype != spec.datatype:
+        raise BadRequest(f"input {name!r} has datatype {datatype!r}, but the model expects {spec.datatype}")
+    if len(shape) != len(spec.shape):
+        raise BadRequest(
+            f"input {name!r} has shape {shape}, but the model expects rank {len(spec.shape)} ({list(spec.shape)})"
+        )
+    for got, want in zip(shape, spec.shape, strict=True):
+        if want >= 0 and got != want:
+            raise BadRequest(f"input {name!r} has shape {shape}, but the model expects {list(spec.shape)}")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise BadRequest(f"input {name!r} has {count} elements, over the limit of {max_elements}")
+    dtype = V2_TO_NUMPY.get(datatype)
+    if dtype is None:
+        raise BadRequest(f"input {name!r}: datatype {datatype} is not supported")
+    params = item.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"input {name!r}: 'parameters' must be an object")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if "data" in item:
+            raise BadRequest(f"input {name!r} has both 'data' and binary_data_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer")
+        if size != count * dtype.itemsize:
+            raise BadRequest(
+                f"input {name!r}: binary_data_size is {size} bytes, but shape {shape} of {datatype} "
+                f"needs {count * dtype.itemsize}"
+            )
+        if offset + size > len(binary):
+            raise BadRequest(f"input {name!r}: the body ends before its {size} bytes of binary data")
+        arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return arr, size
+    data = item.get("data")
+    if data is None:
+        raise BadRequest(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        arr = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise BadRequest(f"input {name!r}: 'data' does not hold {datatype} values ({e})") from None
+    if datatype == "BOOL" and not _all_bools(data):
+        raise BadRequest(f"input {name!r}: BOOL data must be true/false")
+    if arr.size != count:
+        raise BadRequest(f"input {name!r}: 'data' has {arr.size} elements but shape {shape} needs {count}")
+    return arr.reshape(shape), 0
+
+
+def _all_bools(data: list[Any]) -> bool:
+    stack = [data]
+    while stack:
+        for x in stack.pop():
+            if isinstance(x, list):
+                stack.append(x)
+            elif not isinstance(x, bool):
+                return False
+    return True
+
+
+def _decode_outputs(
+    items: Any, output_names: frozenset[str], binary_default: bool
+) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
+    if items is None:
+        return None, {}
+    if not isinstance(items, list):
+        raise BadRequest("'outputs' must be a list")
+    names: list[str] = []
+    binary: dict[str, bool] = {}
+    for o in items:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise BadRequest("each requested output must be an object with a 'name'")
+        name = o["name"]
+        if name not in output_names:
+            raise BadRequest(f"unknown output {name!r}; the model's outputs are {sorted(output_names)}")
+        params = o.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest(f"output {name!r}: 'parameters' must be an object")
+        if params.get("classification"):
+            raise BadRequest("the classification extension is not supported")
+        if name not in binary:
+            names.append(name)
+        binary[name] = bool(params.get("binary_data", binary_default))
+    if not names:
+        return None, {}
+    return tuple(names), binary
+
+
+def encode_response(
+    model_name: str,
+    version: int,
+    request_id: str | None,
+    outputs: dict[str, np.ndarray],
+    order: tuple[str, ...] | list[str],
+    binary: dict[str, bool],
+    binary_default: bool,
+) -> tuple[bytes, int | None]:
+    """Returns the body and, when it carries binary tensors, the JSON header's length."""
+    out_json: list[dict[str, Any]] = []
+    chunks: list[bytes | memoryview] = []
+    for name in order:
+        arr = outputs[name]
+        dt = NUMPY_TO_V2.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+        if dt is None:
+            raise BadRequest(f"output {name!r} has a datatype ({arr.dtype}) the protocol cannot carry")
+        entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
+        if binary.get(name, binary_default):
+            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+            entry["parameters"] = {"binary_data_size": raw.nbytes}
+            chunks.append(memoryview(raw).cast("B"))
+        else:
+            flat = arr.reshape(-1)
+            entry["data"] = flat.astype(np.float32) if dt == "FP16" else np.ascontiguousarray(flat)
+        out_json.append(entry)
+    resp: dict[str, Any] = {"model_name": model_name, "model_version": str(version), "outputs": out_json}
+    if request_id is not None:
+        resp["id"] = request_id
+    header = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)

@@ -1,0 +1,60 @@
+"""JSON views of catalogue records, with this process's load state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model_store import ModelRecord, VariantRecord, VersionRecord
+from service.registry import Registry
+
+
+def variant_view(v: VariantRecord, version: VersionRecord, registry: Registry) -> dict[str, Any]:
+    served = None
+    if registry.is_loaded(version.model, version.number):
+        try:
+            served = registry.resolve(f"{version.model}:{v.name}", str(version.number))
+        except Exception:
+            served = None
+    failure = registry.failure(version.model, version.number, v.name)
+    state = "ready" if served else ("failed" if failure else ("unloaded" if not version.loaded else "loading"))
+    out: dict[str, Any] = {
+        "name": v.name,
+        "kind": v.kind,
+        "sha256": v.sha256,
+        "size_bytes": v.size_bytes,
+        "state": state,
+        "backend": served.backend if served else None,
+        "details": v.details,
+        "created_at": v.created_at.isoformat(),
+    }
+    if failure:
+        out["error"] = failure
+    return out
+
+
+def version_view(version: VersionRecord, registry: Registry) -> dict[str, Any]:
+    variants = [variant_view(v, version, registry) for v in version.variants]
+    states = {v["state"] for v in variants}
+    state = (
+        "ready"
+        if "ready" in states
+        else ("unloaded" if not version.loaded else ("failed" if states == {"failed"} else "loading"))
+    )
+    return {
+        "version": version.number,
+        "state": state,
+        "default_variant": version.default_variant,
+        "default_pinned": version.pinned_default,
+        "config": version.config,
+        "has_calibration": version.calibration_sha256 is not None,
+        "created_at": version.created_at.isoformat(),
+        "variants": variants,
+    }
+
+
+def model_view(model: ModelRecord, registry: Registry) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "created_at": model.created_at.isoformat(),
+        "versions": [version_view(v, registry) for v in model.versions],
+    }

@@ -1,0 +1,132 @@
+"""Fixtures: a real slimserve process (uvicorn on 127.0.0.1, a free port) and HTTP clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_URL = os.environ.get("SLIMSERVE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    data_dir: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 60.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        self.log = self.data_dir.parent / f"server-{self.port}.log"
+        out = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not become ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, timeout=60, headers=headers)
+
+
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    started: list[Server] = []
+
+    def make(start: bool = True, data_dir: Path | None = None, **env: str) -> Server:
+        port = free_port()
+        d = data_dir or tmp_path_factory.mktemp("slimserve")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
+        full_env.update({"SLIMSERVE_SYNC_INTERVAL_S": "0.5", "PYTHONUNBUFFERED": "1", **env})
+        s = Server(f"http://127.0.0.1:{port}", port, d, full_env)
+        started.append(s)
+        if start:
+            s.start()
+        return s
+
+    yield make
+    for s in started:
+        s.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def server(server_factory: ServerFactory) -> Server:
+    """One shared server for tests that only add uniquely named models."""
+    return server_factory()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
+
+
+def upload(client: httpx.Client, name: str, model: bytes, config: str | None = None,
+           calibration: bytes | None = None) -> httpx.Response:
+    files = {"model": ("model.onnx", model, "application/octet-stream")}
+    if calibration is not None:
+        files["calibration"] = ("calib.npz", calibration, "application/octet-stream")
+    data = {"name": name}
+    if config is not None:
+        data["config"] = config
+    return client.post("/v1/models", data=data, files=files)
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg  # noqa: F401
+        from sqlalchemy import create_engine, text
+
+        eng = create_engine(POSTGRES_URL)
+        with eng.connect() as c:
+            c.execute(text("select 1"))
+        eng.dispose()
+        return True
+    except Exception:
+        return False
