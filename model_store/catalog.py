@@ -47,6 +47,8 @@ class _Model(_Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    #: highest version number ever allocated; numbers are never reused, even after a delete
+    last_version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     versions: Mapped[list[_Version]] = relationship(
         back_populates="model", cascade="all, delete-orphan", order_by="_Version.number"
     )
@@ -168,6 +170,7 @@ class JobRecord:
     result: dict[str, Any]
     attempts: int
     cancel_requested: bool
+    lease_owner: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -233,6 +236,7 @@ def _job_rec(j: _Job) -> JobRecord:
         result=dict(j.result or {}),
         attempts=j.attempts,
         cancel_requested=j.cancel_requested,
+        lease_owner=j.lease_owner,
         created_at=j.created_at,
         updated_at=j.updated_at,
     )
@@ -249,6 +253,7 @@ class Catalog:
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         _Base.metadata.create_all(self.engine)
         try:
@@ -281,35 +286,46 @@ class Catalog:
         calibration_sha256: str | None = None,
         pinned_default: bool = False,
     ) -> VersionRecord:
-        """Create the model if needed and add a new version numbered one past the highest."""
-        for _attempt in range(20):
+        """Create the model if needed and add a new version with the next number.
+
+        The number comes from ``UPDATE models SET last_version = last_version + 1 ... RETURNING``: a row
+        lock on PostgreSQL and the database write lock on SQLite, so concurrent uploads serialize on
+        the model's row and never share a number, with no retry loop.
+        """
+        for _attempt in range(10):
             try:
                 with self._tx() as s:
-                    model = s.scalar(select(_Model).where(_Model.name == name))
-                    if model is None:
-                        model = _Model(name=name)
-                        s.add(model)
-                        s.flush()
-                    highest = s.scalar(select(func.max(_Version.number)).where(_Version.model_id == model.id))
-                    version = _Version(
-                        model_id=model.id,
-                        number=(highest or 0) + 1,
-                        config=config or {},
-                        default_variant=default_variant or (variants[0].name if variants else None),
-                        calibration_sha256=calibration_sha256,
-                        pinned_default=pinned_default,
-                    )
-                    s.add(version)
-                    s.flush()
-                    for nv in variants:
-                        s.add(_new_variant_row(version.id, nv))
-                    self._bump(s)
-                    s.flush()
-                    s.refresh(version)
-                    return _version_rec(name, version)
+                    if s.scalar(select(_Model.id).where(_Model.name == name)) is None:
+                        s.add(_Model(name=name, last_version=0))
             except IntegrityError:
-                continue  # a concurrent upload took this number (or created the model): try again
-        raise Conflict(f"could not allocate a version number for {name!r}")
+                pass  # created concurrently
+            with self._tx() as s:
+                row = s.execute(
+                    update(_Model)
+                    .where(_Model.name == name)
+                    .values(last_version=_Model.last_version + 1)
+                    .returning(_Model.id, _Model.last_version)
+                ).first()
+                if row is None:
+                    continue  # deleted between the two transactions: create it again
+                model_id, number = row
+                version = _Version(
+                    model_id=model_id,
+                    number=number,
+                    config=config or {},
+                    default_variant=default_variant or (variants[0].name if variants else None),
+                    calibration_sha256=calibration_sha256,
+                    pinned_default=pinned_default,
+                )
+                s.add(version)
+                s.flush()
+                for nv in variants:
+                    s.add(_new_variant_row(version.id, nv))
+                self._bump(s)
+                s.flush()
+                s.refresh(version)
+                return _version_rec(name, version)
+        raise Conflict(f"could not create a version of {name!r}: the model keeps being deleted")
 
     def list_models(self) -> list[ModelRecord]:
         with self._tx() as s:
@@ -568,9 +584,17 @@ def _new_variant_row(version_id: int, nv: NewVariant) -> _Variant:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not pysqlite, issue BEGIN (see _sqlite_begin).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # BEGIN IMMEDIATE takes the write lock up front: a transaction that reads and then writes can never
+    # fail on a stale WAL snapshot ("database is locked"); concurrent writers wait (busy_timeout).
+    conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from service.routes import management, metrics, repository, v2
 
+    app.include_router(v2.health_router)
     app.include_router(v2.router)
     app.include_router(repository.router)
     app.include_router(management.router)

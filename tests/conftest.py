@@ -107,8 +107,9 @@ def client(server: Server) -> Iterator[httpx.Client]:
         yield c
 
 
-def upload(client: httpx.Client, name: str, model: bytes, config: str | None = None,
-           calibration: bytes | None = None) -> httpx.Response:
+def upload(
+    client: httpx.Client, name: str, model: bytes, config: str | None = None, calibration: bytes | None = None
+) -> httpx.Response:
     files = {"model": ("model.onnx", model, "application/octet-stream")}
     if calibration is not None:
         files["calibration"] = ("calib.npz", calibration, "application/octet-stream")

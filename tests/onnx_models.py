@@ -111,3 +111,16 @@ def external_data_model(location: str) -> bytes:
     m = helper.make_model(graph, opset_imports=OPSET)
     m.ir_version = 8
     return m.SerializeToString()
+
+
+def dynamic_identity() -> bytes:
+    """x[N, T] FP32 -> y = x * 2: both dimensions dynamic (different T must never share a batch)."""
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T"])],
+        [two],
+    )
+    return _model(graph)

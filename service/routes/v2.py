@@ -21,16 +21,18 @@ from service.scheduler import QueueFull, QueueTimeout
 from service.v2codec import HEADER_LENGTH, decode_request, decompress, encode_response
 
 router = APIRouter(tags=["inference (KServe v2)"], dependencies=[Depends(require_inference)])
+#: health stays open: Kubernetes probes and load balancers carry no token
+health_router = APIRouter(tags=["health"])
 
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration", "schedule_policy"]
 
 
-@router.get("/v2/health/live", responses=errors(401))
+@health_router.get("/v2/health/live")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", responses=errors(401, 503))
+@health_router.get("/v2/health/ready", responses=errors(503))
 async def ready(request: Request) -> dict[str, bool]:
     ctx = ctx_of(request)
     if ctx.shutting_down or not ctx.registry.synced_once:

@@ -1,0 +1,44 @@
+# The two commands a new user needs:
+#   make run    set up a virtualenv and start the service (SQLite + ./data + ONNX Runtime CPU)
+#   make test   set up the test environment and run lint, the import-layer check and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run setup test test-setup lint wheel-check clean
+
+$(VENV)/.run-installed: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("slimserve needs Python 3.11+") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,postgres,s3]'
+	touch $@
+
+setup: $(VENV)/.run-installed
+
+run: setup
+	$(VENV)/bin/slimserve serve
+
+$(VENV)/.test-installed: pyproject.toml scripts/setup-system.sh
+	$(PYTHON) -c 'import sys; sys.exit("slimserve needs Python 3.11+") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,postgres,s3,compression,test]'
+	bash scripts/setup-system.sh
+	touch $@
+
+test-setup: $(VENV)/.test-installed
+
+lint: test-setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+wheel-check: test-setup
+	bash scripts/wheel-check.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,147 @@
+"""Model store: atomic content-addressed blobs and the catalogue on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from model_store import Catalog, LocalBlobStore, ModelStore, NewVariant, NotFound, sha256_bytes
+from tests.conftest import POSTGRES_URL, postgres_available
+
+
+def test_blob_roundtrip_and_content_address(tmp_path: Path) -> None:
+    blobs = LocalBlobStore(tmp_path)
+    d = blobs.put_bytes(b"hello")
+    assert d == sha256_bytes(b"hello")
+    assert blobs.get_bytes(d) == b"hello"
+    assert blobs.put_bytes(b"hello") == d  # idempotent
+    assert [x for x, _ in blobs.list_digests()] == [d]
+    blobs.delete(d)
+    assert not blobs.exists(d)
+
+
+def test_blob_paths_are_checked(tmp_path: Path) -> None:
+    blobs = LocalBlobStore(tmp_path)
+    for bad in ["../../etc/passwd", "a" * 63, "A" * 64, "/" + "a" * 63]:
+        with pytest.raises(ValueError):
+            blobs.local_path(bad)
+
+
+def test_interrupted_write_leaves_no_visible_blob(tmp_path: Path) -> None:
+    blobs = LocalBlobStore(tmp_path)
+    # Simulate a crash mid-write: a temp file left in the spool directory.
+    (blobs.spool_dir() / "put-crashed").write_bytes(b"half")
+    assert list(blobs.list_digests()) == []
+    store = ModelStore(blobs, Catalog(f"sqlite:///{tmp_path / 'c.db'}"))
+    report = store.startup_check()
+    assert report.temporaries == 1
+    assert not any(blobs.spool_dir().iterdir())
+
+
+def test_collect_removes_only_old_orphans(tmp_path: Path) -> None:
+    blobs = LocalBlobStore(tmp_path / "b")
+    store = ModelStore(blobs, Catalog(f"sqlite:///{tmp_path / 'c.db'}"))
+    kept = blobs.put_bytes(b"model")
+    store.catalog.create_version("m", [NewVariant("original", "original", kept, 5)])
+    orphan = blobs.put_bytes(b"orphan")
+    assert store.collect(grace_seconds=3600).orphans == 0  # too young
+    old = os.stat(blobs.local_path(orphan)).st_mtime - 7200
+    os.utime(blobs.local_path(orphan), (old, old))
+    assert store.collect(grace_seconds=3600).orphans == 1
+    assert blobs.exists(kept) and not blobs.exists(orphan)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalog]:
+    if request.param == "sqlite":
+        c = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+        yield c
+        c.close()
+        return
+    if not postgres_available():
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
+    from sqlalchemy import create_engine, text
+
+    db = f"slimserve_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {db}"))
+    c = Catalog(POSTGRES_URL.rsplit("/", 1)[0] + f"/{db}")
+    yield c
+    c.close()
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE {db} WITH (FORCE)"))
+    admin.dispose()
+
+
+def _variant(i: int = 0) -> NewVariant:
+    return NewVariant("original", "original", f"{i:064x}", 10)
+
+
+def test_versions_are_numbered_per_model(catalog: Catalog) -> None:
+    assert catalog.create_version("a", [_variant()]).number == 1
+    assert catalog.create_version("a", [_variant()]).number == 2
+    assert catalog.create_version("b", [_variant()]).number == 1
+    assert [v.number for v in catalog.get_model("a").versions] == [1, 2]
+    rev = catalog.revision()
+    catalog.delete_version("a", 1)
+    assert catalog.revision() > rev
+    assert [v.number for v in catalog.get_model("a").versions] == [2]
+    catalog.delete_version("a", 2)
+    with pytest.raises(NotFound):
+        catalog.get_model("a")  # the last version took the model with it
+
+
+def test_concurrent_uploads_never_share_a_number(catalog: Catalog) -> None:
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(5):
+                numbers.append(catalog.create_version("race", [_variant()]).number)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(numbers) == list(range(1, 31))
+
+
+def test_jobs_are_claimed_once(catalog: Catalog) -> None:
+    catalog.create_version("j", [_variant()])
+    job = catalog.create_job("compress", "j", 1, {"prune": {"sparsity": 0.5}})
+    claims: list[object] = []
+
+    def claim(owner: str) -> None:
+        claims.append(catalog.claim_job(owner, 60, ("compress",)))
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [c for c in claims if c is not None]
+    assert len(won) == 1 and won[0].id == job.id and won[0].state == "running"
+    assert catalog.finish_job(job.id, "someone-else", "succeeded") is False
+    assert catalog.finish_job(job.id, won[0].lease_owner, "succeeded")
+    assert catalog.get_job(job.id).state == "succeeded"
+
+
+def test_default_variant_pin_wins_over_policy(catalog: Catalog) -> None:
+    catalog.create_version("p", [_variant()])
+    catalog.add_variant("p", 1, NewVariant("int8", "int8", f"{1:064x}", 5))
+    catalog.set_default_variant("p", 1, "original", pinned=True)
+    catalog.set_default_variant("p", 1, "int8", pinned=False)
+    assert catalog.get_version("p", 1).default_variant == "original"
+    with pytest.raises(NotFound):
+        catalog.set_default_variant("p", 1, "nope", pinned=True)
