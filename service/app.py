@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +17,7 @@ from service import __version__
 from service.context import AppContext
 from service.errors import ApiError
 from service.settings import Settings
+from service.workers import start_workers, stop_workers
 
 log = logging.getLogger("slimserve")
 
@@ -36,10 +38,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         await ctx.registry.sync(force=True)
         syncer = asyncio.create_task(_sync_loop(ctx))
+        workers = start_workers(settings)
         try:
             yield
         finally:
             ctx.shutting_down = True
+            stop_workers(workers)
             syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await syncer
@@ -77,13 +81,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
-    from service.routes import management, metrics, repository, v2
+    from service.routes import jobs, management, metrics, repository, v2
 
     app.include_router(v2.health_router)
     app.include_router(v2.router)
     app.include_router(repository.router)
     app.include_router(management.router)
+    app.include_router(jobs.router)
     app.include_router(metrics.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            jobs.add_schemas(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -110,6 +110,90 @@ def show(name: str, server: ServerOpt = "http://127.0.0.1:8000") -> None:
     console.print_json(json.dumps(r.json()))
 
 
+@app.command()
+def worker(
+    parent_pid: Annotated[int | None, typer.Option(help="exit when this process is gone")] = None,
+) -> None:
+    """Run compression jobs from the catalogue (several workers may share one catalogue safely)."""
+    import logging
+    import signal
+    import threading
+
+    from compression.worker import JobWorker
+    from model_store import Catalog, LocalBlobStore, ModelStore
+    from service.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    settings = Settings()
+    store = ModelStore(LocalBlobStore(settings.resolved_blob_dir), Catalog(settings.resolved_database_url))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    JobWorker(store, lease_s=settings.job_lease_s, max_attempts=settings.job_max_attempts).run_forever(
+        stop, parent_pid
+    )
+    store.close()
+
+
+@app.command()
+def compress(
+    name: str,
+    version: int,
+    prune: Annotated[float | None, typer.Option(help="target sparsity 0..0.95")] = None,
+    pattern: Annotated[str, typer.Option(help="unstructured or 2:4")] = "unstructured",
+    quantize: Annotated[str | None, typer.Option(help="int8 calibration: minmax, entropy or percentile")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="max accuracy loss for int8 fallback")] = None,
+    encode_bits: Annotated[int | None, typer.Option(help="weight-sharing bits 2..8 (Deep Compression)")] = None,
+    calibration: Annotated[Path | None, typer.Option(help=".npz for this job")] = None,
+    watch: Annotated[bool, typer.Option(help="show a live progress bar until the job ends")] = True,
+    server: ServerOpt = "http://127.0.0.1:8000",
+) -> None:
+    """Start a compression job for one version and (by default) watch it to the end."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    spec: dict[str, object] = {}
+    if prune is not None or pattern == "2:4":
+        spec["prune"] = {"pattern": pattern, **({"sparsity": prune} if prune is not None else {})}
+    if quantize:
+        spec["quantize"] = {"calibration": quantize, **({"tolerance": tolerance} if tolerance is not None else {})}
+    if encode_bits:
+        spec["encode"] = {"bits": encode_bits}
+    with _client(server) as c:
+        url = f"/v1/models/{name}/versions/{version}/compress"
+        if calibration:
+            r = c.post(url, data={"spec": json.dumps(spec)}, files={"calibration": calibration.read_bytes()})
+        else:
+            r = c.post(url, json=spec)
+        _fail(r)
+        job = r.json()
+        console.print(f"job {job['id']} queued")
+        if not watch:
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                      TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("queued", total=1.0)
+            while job["state"] in ("queued", "running"):
+                time.sleep(0.5)
+                r = c.get(f"/v1/jobs/{job['id']}")
+                _fail(r)
+                job = r.json()
+                bar.update(task, completed=job["progress"], description=f"{job['state']}: {job['stage'] or ''}")
+        if job["state"] != "succeeded":
+            console.print(f"[red]job {job['state']}[/red]: {job.get('error') or ''}")
+            raise typer.Exit(1)
+        table = Table("variant", "size", "ratio", "sparsity", "accuracy delta", "p50 ms")
+        for row in job["result"]["table"]:
+            lat = row.get("latency") or {}
+            delta = row.get("accuracy_delta")
+            table.add_row(row["variant"], f"{row['size_bytes'] / 1024:.1f} KiB", f"{row['compression_ratio']:.1f}x",
+                          f"{row.get('sparsity') or 0:.2f}", "-" if delta is None else f"{delta:+.4f}",
+                          f"{lat.get('p50_ms', float('nan')):.3f}")
+        console.print(table)
+        console.print(f"default variant: [bold]{job['result']['default_variant']}[/bold]")
+
+
 def main() -> None:
     app()
 

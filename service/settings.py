@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     gc_grace_s: float = Field(300.0, ge=0)
     log_level: str = "info"
 
+    #: job worker processes the server starts itself (0: run `slimserve worker` separately)
+    job_workers: int = Field(1, ge=0, le=16)
+    #: a job's lease; a worker that stops renewing it for this long is presumed dead
+    job_lease_s: float = Field(30.0, ge=2.0)
+    #: attempts before an interrupted job is failed instead of resumed
+    job_max_attempts: int = Field(3, ge=1, le=20)
+
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         if self.admin_token is None and self.admin_token_file is not None:

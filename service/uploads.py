@@ -35,7 +35,7 @@ def check_calibration(data: bytes, info: ModelInfo) -> int:
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise BadRequest(f"calibration is not a readable .npz file: {e}") from None
     with npz:
-        names = list(npz.files)
+        names = [n for n in npz.files if n != "labels"]  # optional labels, for accuracy
         if len(names) > MAX_CALIBRATION_ARRAYS:
             raise BadRequest("calibration holds too many arrays")
         specs = {t.name: t for t in info.inputs}
@@ -68,6 +68,11 @@ def check_calibration(data: bytes, info: ModelInfo) -> int:
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise BadRequest(f"calibration array {name!r} holds NaN or infinite values")
             counts.add(arr.shape[0])
+        if "labels" in npz.files:
+            labels = npz["labels"]
+            if labels.ndim != 1 or labels.dtype.kind not in "iu":
+                raise BadRequest("calibration `labels` must be a 1-D integer array (class ids)")
+            counts.add(labels.shape[0])
         if len(counts) != 1 or math.prod(counts) < 1:
             raise BadRequest(f"calibration arrays must agree on a non-zero sample count, got {sorted(counts)}")
         return counts.pop()

@@ -83,7 +83,9 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerF
         port = free_port()
         d = data_dir or tmp_path_factory.mktemp("slimserve")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
-        full_env.update({"SLIMSERVE_SYNC_INTERVAL_S": "0.5", "PYTHONUNBUFFERED": "1", **env})
+        full_env.update(
+            {"SLIMSERVE_SYNC_INTERVAL_S": "0.5", "SLIMSERVE_JOB_WORKERS": "0", "PYTHONUNBUFFERED": "1", **env}
+        )
         s = Server(f"http://127.0.0.1:{port}", port, d, full_env)
         started.append(s)
         if start:

@@ -61,7 +61,7 @@ def check_name(name: str, what: str = "model name") -> str:
 async def upload_model(request: Request) -> dict[str, Any]:
     """Upload an ONNX model as a new version of ``name`` (created if new)."""
     ctx = ctx_of(request)
-    form_data = await _read_form(request, ctx.settings.max_upload_bytes)
+    form_data = await read_form(request, ctx.settings.max_upload_bytes)
     try:
         name = form_data.get("name")
         if not isinstance(name, str):
@@ -85,7 +85,7 @@ class _UnsupportedMedia(ApiError):
     status = 415
 
 
-async def _read_form(request: Request, limit: int) -> Any:
+async def read_form(request: Request, limit: int) -> Any:
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise _UnsupportedMedia("send multipart/form-data with fields name, model[, calibration, config]")
