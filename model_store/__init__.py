@@ -11,7 +11,7 @@ from model_store.catalog import (
     VariantRecord,
     VersionRecord,
 )
-from model_store.store import ModelStore
+from model_store.store import ModelStore, open_store
 
 __all__ = [
     "BlobNotFound",
@@ -26,5 +26,6 @@ __all__ = [
     "NotFound",
     "VariantRecord",
     "VersionRecord",
+    "open_store",
     "sha256_bytes",
 ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from model_store.blobs import BlobStore
+from model_store.blobs import BlobStore, LocalBlobStore
 from model_store.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -54,3 +55,23 @@ class ModelStore:
 
     def close(self) -> None:
         self.catalog.close()
+
+
+def open_store(
+    database_url: str,
+    blob_dir: Path,
+    s3_bucket: str | None = None,
+    s3_prefix: str = "",
+    s3_endpoint_url: str | None = None,
+    s3_region: str | None = None,
+) -> ModelStore:
+    """The store a deployment configures: a local directory by default, S3 when a bucket is named
+    (``blob_dir`` is then the local read cache)."""
+    blobs: BlobStore
+    if s3_bucket:
+        from model_store.s3 import S3BlobStore
+
+        blobs = S3BlobStore(s3_bucket, blob_dir, s3_prefix, s3_endpoint_url, s3_region)
+    else:
+        blobs = LocalBlobStore(blob_dir)
+    return ModelStore(blobs, Catalog(database_url))

@@ -120,12 +120,11 @@ def worker(
     import threading
 
     from compression.worker import JobWorker
-    from model_store import Catalog, LocalBlobStore, ModelStore
     from service.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     settings = Settings()
-    store = ModelStore(LocalBlobStore(settings.resolved_blob_dir), Catalog(settings.resolved_database_url))
+    store = settings.open_store()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

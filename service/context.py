@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model_store import Catalog, LocalBlobStore, ModelStore
+from model_store import ModelStore
 from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
@@ -22,7 +22,6 @@ class AppContext:
     @classmethod
     def build(cls, settings: Settings) -> AppContext:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        blobs = LocalBlobStore(settings.resolved_blob_dir)
-        store = ModelStore(blobs, Catalog(settings.resolved_database_url))
+        store = settings.open_store()
         metrics = Metrics()
         return cls(settings, store, metrics, Registry(settings, store, metrics))

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model_store import ModelStore, open_store
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="ignore")
@@ -19,6 +21,12 @@ class Settings(BaseSettings):
     database_url: str | None = None
     #: where blobs live: a local directory by default
     blob_dir: Path | None = None
+
+    #: S3-compatible object storage for blobs (blob_dir then only caches reads)
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
 
     admin_token: SecretStr | None = None
     admin_token_file: Path | None = None
@@ -67,3 +75,13 @@ class Settings(BaseSettings):
         if self.intra_op_threads:
             return self.intra_op_threads
         return max(1, (os.cpu_count() or 1) // max(1, instances))
+
+    def open_store(self) -> ModelStore:
+        return open_store(
+            self.resolved_database_url,
+            self.resolved_blob_dir,
+            self.s3_bucket,
+            self.s3_prefix,
+            self.s3_endpoint_url,
+            self.s3_region,
+        )

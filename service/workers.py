@@ -28,6 +28,10 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "SLIMSERVE_JOB_LEASE_S": str(settings.job_lease_s),
         "SLIMSERVE_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
     })
+    for key in ("s3_bucket", "s3_prefix", "s3_endpoint_url", "s3_region"):
+        value = getattr(settings, key)
+        if value:
+            env[f"SLIMSERVE_{key.upper()}"] = str(value)
     return env
 
 
