@@ -85,16 +85,14 @@ def _sub(progress: Progress, stage: str) -> Callable[[float], None]:
 
 
 def run_pipeline(original: bytes, spec: CompressionSpec, data: CompressionData, progress: Progress) -> PipelineResult:
-    from compression.encode import decode_model, encode_model
-    from compression.prune import prune_model
-    from compression.quantize import quantize_model
-
     notes: list[str] = []
     model = onnx.load_from_string(original)
     produced: list[ProducedVariant] = []
     base, base_name = model, "original"
 
     if spec.prune is not None:
+        from compression.prune import prune_model
+
         p = spec.prune
         if not data.has_data:
             notes.append("no calibration data: pruning is magnitude-only (no layer reconstruction)")
@@ -108,6 +106,8 @@ def run_pipeline(original: bytes, spec: CompressionSpec, data: CompressionData, 
         base, base_name = pruned, name
 
     if spec.quantize is not None:
+        from compression.quantize import quantize_model
+
         q = spec.quantize
         if not data.has_data or data.calibration is None:
             raise NeedsData(
@@ -130,6 +130,8 @@ def run_pipeline(original: bytes, spec: CompressionSpec, data: CompressionData, 
             produced.append(ProducedVariant("int8-cpu", "int8-cpu", cpu, cpu, details))
 
     if spec.encode is not None:
+        from compression.encode import decode_model, encode_model
+
         progress("encode", 0.0)
         blob, ereport = encode_model(base, spec.encode.bits, progress=_sub(progress, "encode"))
         runnable = decode_model(blob).SerializeToString()

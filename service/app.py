@@ -83,8 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from service.routes import jobs, management, metrics, repository, v2
 
+    app.include_router(v2.router)  # first: the infer routes are matched before anything else
     app.include_router(v2.health_router)
-    app.include_router(v2.router)
     app.include_router(repository.router)
     app.include_router(management.router)
     app.include_router(jobs.router)

@@ -20,12 +20,12 @@ def _check(request: Request, token: SecretStr | None) -> None:
         raise Unauthorized()
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """Management routes: need SLIMSERVE_ADMIN_TOKEN when it is set."""
     _check(request, request.app.state.ctx.settings.admin_token)
 
 
-def require_inference(request: Request) -> None:
+async def require_inference(request: Request) -> None:
     """Inference routes: need SLIMSERVE_INFERENCE_TOKEN when it is set (the admin token also passes)."""
     settings = request.app.state.ctx.settings
     if settings.inference_token is None:

@@ -128,9 +128,7 @@ def worker(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    JobWorker(store, lease_s=settings.job_lease_s, max_attempts=settings.job_max_attempts).run_forever(
-        stop, parent_pid
-    )
+    JobWorker(store, lease_s=settings.job_lease_s, max_attempts=settings.job_max_attempts).run_forever(stop, parent_pid)
     store.close()
 
 
@@ -170,8 +168,13 @@ def compress(
         console.print(f"job {job['id']} queued")
         if not watch:
             return
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                      TimeElapsedColumn(), console=console) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
             task = bar.add_task("queued", total=1.0)
             while job["state"] in ("queued", "running"):
                 time.sleep(0.5)
@@ -186,9 +189,14 @@ def compress(
         for row in job["result"]["table"]:
             lat = row.get("latency") or {}
             delta = row.get("accuracy_delta")
-            table.add_row(row["variant"], f"{row['size_bytes'] / 1024:.1f} KiB", f"{row['compression_ratio']:.1f}x",
-                          f"{row.get('sparsity') or 0:.2f}", "-" if delta is None else f"{delta:+.4f}",
-                          f"{lat.get('p50_ms', float('nan')):.3f}")
+            table.add_row(
+                row["variant"],
+                f"{row['size_bytes'] / 1024:.1f} KiB",
+                f"{row['compression_ratio']:.1f}x",
+                f"{row.get('sparsity') or 0:.2f}",
+                "-" if delta is None else f"{delta:+.4f}",
+                f"{lat.get('p50_ms', float('nan')):.3f}",
+            )
         console.print(table)
         console.print(f"default variant: [bold]{job['result']['default_variant']}[/bold]")
 

@@ -21,13 +21,15 @@ log = logging.getLogger(__name__)
 
 def worker_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "SLIMSERVE_DATA_DIR": str(settings.data_dir.resolve()),
-        "SLIMSERVE_DATABASE_URL": settings.resolved_database_url,
-        "SLIMSERVE_BLOB_DIR": str(settings.resolved_blob_dir),
-        "SLIMSERVE_JOB_LEASE_S": str(settings.job_lease_s),
-        "SLIMSERVE_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
-    })
+    env.update(
+        {
+            "SLIMSERVE_DATA_DIR": str(settings.data_dir.resolve()),
+            "SLIMSERVE_DATABASE_URL": settings.resolved_database_url,
+            "SLIMSERVE_BLOB_DIR": str(settings.resolved_blob_dir),
+            "SLIMSERVE_JOB_LEASE_S": str(settings.job_lease_s),
+            "SLIMSERVE_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
+        }
+    )
     for key in ("s3_bucket", "s3_prefix", "s3_endpoint_url", "s3_region"):
         value = getattr(settings, key)
         if value:

@@ -163,20 +163,22 @@ async def report(request: Request, name: str, version: int) -> dict[str, Any]:
     rows = []
     for v in view["variants"]:
         ev = v["details"].get("evaluation") or {}
-        rows.append({
-            "variant": v["name"],
-            "kind": v["kind"],
-            "state": v["state"],
-            "default": v["name"] == record.default_variant,
-            "size_bytes": v["size_bytes"],
-            "compression_ratio": round(base_size / v["size_bytes"], 3) if base_size and v["size_bytes"] else None,
-            "sparsity": ev.get("sparsity"),
-            "bits_per_weight": ev.get("bits_per_weight"),
-            "accuracy_delta": v["details"].get("accuracy_delta", 0.0 if v["name"] == "original" else None),
-            "accuracy": ev.get("accuracy"),
-            "latency": ev.get("latency"),
-            "backend": v["backend"],
-        })
+        rows.append(
+            {
+                "variant": v["name"],
+                "kind": v["kind"],
+                "state": v["state"],
+                "default": v["name"] == record.default_variant,
+                "size_bytes": v["size_bytes"],
+                "compression_ratio": round(base_size / v["size_bytes"], 3) if base_size and v["size_bytes"] else None,
+                "sparsity": ev.get("sparsity"),
+                "bits_per_weight": ev.get("bits_per_weight"),
+                "accuracy_delta": v["details"].get("accuracy_delta", 0.0 if v["name"] == "original" else None),
+                "accuracy": ev.get("accuracy"),
+                "latency": ev.get("latency"),
+                "backend": v["backend"],
+            }
+        )
     return {
         "model": name,
         "version": version,
@@ -185,8 +187,6 @@ async def report(request: Request, name: str, version: int) -> dict[str, Any]:
         "policy": "the fastest variant (p50, batch 1) whose accuracy loss is within the job's tolerance",
         "variants": rows,
     }
-
-
 
 
 def add_schemas(openapi: dict[str, Any]) -> None:

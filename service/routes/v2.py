@@ -27,6 +27,71 @@ health_router = APIRouter(tags=["health"])
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration", "schedule_policy"]
 
 
+# The infer routes come first: routes are matched in order and this is the hot path.
+_INFER_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        }
+    }
+}
+
+
+@router.post(
+    "/v2/models/{model_name}/infer",
+    response_class=Response,
+    openapi_extra=_INFER_BODY,
+    responses={
+        200: {"content": {"application/json": {}, "application/octet-stream": {}}},
+        **errors(400, 401, 404, 413, 503),
+    },
+)
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    response_class=Response,
+    openapi_extra=_INFER_BODY,
+    responses={
+        200: {"content": {"application/json": {}, "application/octet-stream": {}}},
+        **errors(400, 401, 404, 413, 503),
+    },
+)
+async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    t0 = time.perf_counter_ns()
+    ctx = ctx_of(request)
+    sv = ctx.registry.resolve(model_name, model_version)
+    limit = ctx.settings.max_infer_body_bytes
+    m = sv.metrics
+    m.inflight.inc()
+    try:
+        body = await read_body(request, limit)
+        headers = request.headers
+        body = decompress(body, headers.get("content-encoding"), limit)
+        req = decode_request(body, headers.get(HEADER_LENGTH), sv.input_index, sv.output_names, sv.max_batch_size)
+        timeout_ns = req.timeout_us * 1000 if req.timeout_us else None
+        outputs, _queue_ns = await sv.scheduler.submit(req.inputs, req.outputs, req.rows, timeout_ns)
+        order = req.outputs or [o.name for o in sv.outputs]
+        payload, header_len = encode_response(
+            model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default
+        )
+    except ApiError as e:
+        _count_failure(sv, e, t0)
+        raise
+    finally:
+        m.inflight.dec()
+    elapsed = time.perf_counter_ns() - t0
+    m.request.observe(elapsed / 1e9)
+    m.ok.inc()
+    st = sv.stats
+    with st.lock:
+        st.success.add(elapsed)
+    if header_len is None:
+        return Response(payload, media_type="application/json")
+    return Response(
+        payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_len)}
+    )
+
+
 @health_router.get("/v2/health/live")
 async def live() -> dict[str, bool]:
     return {"live": True}
@@ -127,70 +192,6 @@ async def model_metadata(request: Request, model_name: str, model_version: str |
         "outputs": [t.to_dict() for t in sv.outputs],
         "parameters": {"variant": sv.variant, "backend": sv.backend, "max_batch_size": sv.max_batch_size},
     }
-
-
-_INFER_BODY = {
-    "requestBody": {
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        }
-    }
-}
-
-
-@router.post(
-    "/v2/models/{model_name}/infer",
-    response_class=Response,
-    openapi_extra=_INFER_BODY,
-    responses={
-        200: {"content": {"application/json": {}, "application/octet-stream": {}}},
-        **errors(400, 401, 404, 413, 503),
-    },
-)
-@router.post(
-    "/v2/models/{model_name}/versions/{model_version}/infer",
-    response_class=Response,
-    openapi_extra=_INFER_BODY,
-    responses={
-        200: {"content": {"application/json": {}, "application/octet-stream": {}}},
-        **errors(400, 401, 404, 413, 503),
-    },
-)
-async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    t0 = time.perf_counter_ns()
-    ctx = ctx_of(request)
-    sv = ctx.registry.resolve(model_name, model_version)
-    limit = ctx.settings.max_infer_body_bytes
-    m = sv.metrics
-    m.inflight.inc()
-    try:
-        body = await read_body(request, limit)
-        headers = request.headers
-        body = decompress(body, headers.get("content-encoding"), limit)
-        req = decode_request(body, headers.get(HEADER_LENGTH), sv.input_index, sv.output_names, sv.max_batch_size)
-        timeout_ns = req.timeout_us * 1000 if req.timeout_us else None
-        outputs, _queue_ns = await sv.scheduler.submit(req.inputs, req.outputs, req.rows, timeout_ns)
-        order = req.outputs or [o.name for o in sv.outputs]
-        payload, header_len = encode_response(
-            model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default
-        )
-    except ApiError as e:
-        _count_failure(sv, e, t0)
-        raise
-    finally:
-        m.inflight.dec()
-    elapsed = time.perf_counter_ns() - t0
-    m.request.observe(elapsed / 1e9)
-    m.ok.inc()
-    st = sv.stats
-    with st.lock:
-        st.success.add(elapsed)
-    if header_len is None:
-        return Response(payload, media_type="application/json")
-    return Response(
-        payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_len)}
-    )
 
 
 def _count_failure(sv: ServedVariant, e: ApiError, t0: int) -> None:
