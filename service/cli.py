@@ -45,17 +45,14 @@ def serve(
     data_dir: Annotated[Path | None, typer.Option(help="store directory (default ./data)")] = None,
 ) -> None:
     """Run the HTTP server (SQLite + local directory + ONNX Runtime CPU unless configured otherwise)."""
-    import uvicorn
-
     from service.app import create_app
+    from service.server import serve as run_server
     from service.settings import Settings
 
     overrides = {k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v is not None}
     settings = Settings(**overrides)
     console.print(f"slimserve on http://{settings.host}:{settings.port}  store: {settings.data_dir.resolve()}")
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
-    )
+    run_server(create_app(settings), settings)
 
 
 @app.command()

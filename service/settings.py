@@ -15,7 +15,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
+    #: serve management (/v1, repository, docs) on its own port; inference then refuses them
+    management_port: int | None = Field(None, ge=1, le=65535)
+    #: serve /metrics on its own port
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    #: on SIGTERM, how long in-flight requests may take to finish
+    shutdown_timeout_s: float = Field(30.0, ge=0)
     data_dir: Path = Path("./data")
     #: SQLAlchemy URL; default: SQLite inside data_dir. PostgreSQL: postgresql+psycopg://user@host/db
     database_url: str | None = None
