@@ -454,6 +454,10 @@ class Catalog:
                 q = q.where(_Job.state == state)
             return [_job_rec(j) for j in s.scalars(q)]
 
+    def count_jobs(self, states: tuple[str, ...]) -> int:
+        with self._tx() as s:
+            return s.scalar(select(func.count()).select_from(_Job).where(_Job.state.in_(states))) or 0
+
     def claim_job(self, owner: str, lease_seconds: float, kinds: tuple[str, ...]) -> JobRecord | None:
         """Atomically take the oldest queued job (or one whose lease expired) for ``owner``.
 

@@ -47,6 +47,13 @@ class Unprocessable(ApiError):
     status = 422
 
 
+class TooManyRequests(ApiError):
+    status = 429
+
+    def __init__(self, message: str, retry_after: float = 5) -> None:
+        super().__init__(message, {"Retry-After": str(max(1, round(retry_after)))})
+
+
 class Unavailable(ApiError):
     status = 503
 

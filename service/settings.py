@@ -40,6 +40,10 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     max_infer_body_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    #: elements in one input tensor of an inference request
+    max_tensor_elements: int = Field(1 << 28, ge=1)
+    #: compression jobs queued or running at once; more are refused with 429
+    max_pending_jobs: int = Field(16, ge=1)
 
     #: defaults for models whose upload config does not say
     default_max_batch_size: int = Field(32, ge=0)

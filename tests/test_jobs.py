@@ -191,3 +191,24 @@ def test_interrupted_job_is_resumed_by_another_worker(tmp_path: Path) -> None:
     assert JobWorker(store, owner="late", max_attempts=3).run_one(threading.Event()) is False
     failed = store.catalog.get_job(job2.id)
     assert failed.state == "failed" and "interrupted" in (failed.error or "")
+
+
+def test_pending_jobs_are_capped(server_factory: ServerFactory) -> None:
+    s = server_factory(SLIMSERVE_MAX_PENDING_JOBS="2")
+    with s.client() as c:
+        assert upload(c, "cap-mlp", mlp(in_dim=16, hidden=32)).status_code == 201
+        for _ in range(2):
+            assert c.post("/v1/models/cap-mlp/versions/1/compress", json={"encode": {}}).status_code == 202
+        r = c.post("/v1/models/cap-mlp/versions/1/compress", json={"encode": {}})
+        assert r.status_code == 429 and r.headers["retry-after"] and "limit 2" in r.json()["error"]
+
+
+def test_tensor_element_cap(server_factory: ServerFactory) -> None:
+    s = server_factory(SLIMSERVE_MAX_TENSOR_ELEMENTS="16")
+    with s.client() as c:
+        assert upload(c, "elem-mlp", mlp()).status_code == 201
+        ok = {"inputs": [{"name": "x", "shape": [4, 4], "datatype": "FP32", "data": [0.0] * 16}]}
+        assert c.post("/v2/models/elem-mlp/infer", json=ok).status_code == 200
+        big = {"inputs": [{"name": "x", "shape": [5, 4], "datatype": "FP32", "data": [0.0] * 20}]}
+        r = c.post("/v2/models/elem-mlp/infer", json=big)
+        assert r.status_code == 400 and "over the limit" in r.json()["error"]

@@ -31,6 +31,7 @@ _DESCRIPTIONS = {
     413: "the body is over the configured limit",
     415: "unsupported media type",
     422: "the request body does not match the schema",
+    429: "too many jobs pending: retry later",
     503: "not ready, overloaded or unloading: retry later",
 }
 

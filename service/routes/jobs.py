@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from compression.spec import CompressionSpec
 from model_store import JobRecord, NotFound
 from service.auth import require_admin
-from service.errors import BadRequest, NotFoundError, Unprocessable
+from service.errors import BadRequest, NotFoundError, TooManyRequests, Unprocessable
 from service.routes.common import ctx_of, errors
 from service.routes.management import read_form
 from service.uploads import check_calibration
@@ -74,7 +74,7 @@ def _spec(raw: Any) -> CompressionSpec:
     "/models/{name}/versions/{version}/compress",
     status_code=202,
     openapi_extra=_COMPRESS_BODY,
-    responses=errors(400, 401, 404, 413, 415, 422),
+    responses=errors(400, 401, 404, 413, 415, 422, 429),
 )
 async def compress(request: Request, name: str, version: int) -> JSONResponse:
     """Start an offline compression job for one version; answers 202 with the job."""
@@ -121,6 +121,11 @@ async def compress(request: Request, name: str, version: int) -> JSONResponse:
         raise Unprocessable(
             "int8 calibration needs data: this version was uploaded without `calibration`; send the job as "
             "multipart with a `calibration` .npz (arrays named after the inputs, samples on axis 0)"
+        )
+    pending = await asyncio.to_thread(ctx.store.catalog.count_jobs, ("queued", "running"))
+    if pending >= ctx.settings.max_pending_jobs:
+        raise TooManyRequests(
+            f"{pending} jobs are queued or running (limit {ctx.settings.max_pending_jobs}); retry when some finish"
         )
     job = await asyncio.to_thread(ctx.store.catalog.create_job, "compress", name, version, stored)
     return JSONResponse(job_view(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})

@@ -67,7 +67,14 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         body = await read_body(request, limit)
         headers = request.headers
         body = decompress(body, headers.get("content-encoding"), limit)
-        req = decode_request(body, headers.get(HEADER_LENGTH), sv.input_index, sv.output_names, sv.max_batch_size)
+        req = decode_request(
+            body,
+            headers.get(HEADER_LENGTH),
+            sv.input_index,
+            sv.output_names,
+            sv.max_batch_size,
+            ctx.settings.max_tensor_elements,
+        )
         timeout_ns = req.timeout_us * 1000 if req.timeout_us else None
         outputs, _queue_ns = await sv.scheduler.submit(req.inputs, req.outputs, req.rows, timeout_ns)
         order = req.outputs or [o.name for o in sv.outputs]
