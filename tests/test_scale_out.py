@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -107,3 +110,78 @@ def test_replicas_share_store_and_catalogue(
             time.sleep(0.1)
         assert ca.post("/v2/models/shared/infer", json=body).status_code == 404
         assert httpx.get(f"{a.url}/v2/health/ready").status_code == 200
+
+
+def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
+    full.update(env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"], env=full, stdout=open(log, "ab"), stderr=subprocess.STDOUT
+    )
+
+
+@pytest.mark.slow
+def test_two_servers_two_workers_one_killed_mid_job(
+    server_factory: ServerFactory, s3_endpoint: str, bucket: str, pg_url: str, tmp_path: Path
+) -> None:
+    env = {
+        "SLIMSERVE_DATABASE_URL": pg_url,
+        "SLIMSERVE_S3_BUCKET": bucket,
+        "SLIMSERVE_S3_ENDPOINT_URL": s3_endpoint,
+        "SLIMSERVE_JOB_LEASE_S": "3",
+        **AWS_ENV,
+    }
+    a = server_factory(data_dir=tmp_path / "a", **env)
+    b = server_factory(data_dir=tmp_path / "b", **env)
+    workers = [
+        _start_worker({**env, "SLIMSERVE_DATA_DIR": str(tmp_path / f"w{i}")}, tmp_path / f"worker{i}.log")
+        for i in range(2)
+    ]
+    try:
+        with a.client() as ca, b.client() as cb:
+            assert upload(ca, "big", mlp(in_dim=1024, hidden=4096, out_dim=10)).status_code == 201
+            r = cb.post("/v1/models/big/versions/1/compress", json={"encode": {"bits": 5}, "latency_runs": 1000})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            owner = _wait_for_owner(pg_url, job_id)
+            victim = next(w for w in workers if f":{w.pid}:" in owner)
+            victim.kill()
+            victim.wait()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                job = ca.get(f"/v1/jobs/{job_id}").json()
+                if job["state"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.3)
+            assert job["state"] == "succeeded", job
+            assert job["attempts"] == 2  # resumed once by the surviving worker
+            body = {"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32", "data": [0.1] * 1024}]}
+            for c in (ca, cb):  # both replicas serve the new variant
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    out = c.post("/v2/models/big:encoded/infer", json=body)
+                    if out.status_code == 200:
+                        break
+                    time.sleep(0.2)
+                assert out.status_code == 200, out.text
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+                w.wait(timeout=30)
+
+
+def _wait_for_owner(pg_url: str, job_id: str, timeout: float = 60) -> str:
+    from model_store import Catalog
+
+    catalog = Catalog(pg_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = catalog.get_job(job_id)
+            if job.state == "running" and job.lease_owner and job.stage not in (None, "load"):
+                return job.lease_owner
+            time.sleep(0.05)
+        raise AssertionError(f"no worker took job {job_id}")
+    finally:
+        catalog.close()
