@@ -51,7 +51,8 @@ class JobWorker:
         self.store = store
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease_s = lease_s
-        self.heartbeat_s = heartbeat_s
+        # Renew well before the lease runs out: a heartbeat delayed by a busy machine must not lose it.
+        self.heartbeat_s = min(heartbeat_s, lease_s / 3)
         self.poll_s = poll_s
         self.max_attempts = max_attempts
 

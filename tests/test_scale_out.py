@@ -154,7 +154,7 @@ def test_two_servers_two_workers_one_killed_mid_job(
                     break
                 time.sleep(0.3)
             assert job["state"] == "succeeded", job
-            assert job["attempts"] == 2  # resumed once by the surviving worker
+            assert job["attempts"] >= 2  # resumed by the surviving worker after the victim's lease expired
             body = {"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32", "data": [0.1] * 1024}]}
             for c in (ca, cb):  # both replicas serve the new variant
                 deadline = time.monotonic() + 15

@@ -1,0 +1,144 @@
+"""EVALUATE: a variant against the original on held-out samples -- agreement, size, sparsity, latency.
+
+Models run on ONNX Runtime's CPU provider through ``backends`` (the same runtime the server uses). A candidate
+may be an ENCODE artifact: it is decoded to run, and its size is the artifact's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+
+from backends import BackendOptions, load_backend
+from backends.onnx_model import parse_model
+from compression import onnx_graph as og
+from compression.encode import decode_model, is_encoded
+from compression.metrics import compare
+
+BACKEND = "onnxruntime-cpu"
+
+
+def _as_onnx_bytes(model_bytes: bytes) -> bytes:
+    return decode_model(model_bytes).SerializeToString() if is_encoded(model_bytes) else model_bytes
+
+
+def _batch_size(backend: object, n: int, batch_size: int) -> int:
+    """``batch_size``, or the model's fixed batch dimension when it has one."""
+    fixed = {t.shape[0] for t in backend.inputs if t.shape and t.shape[0] > 0}  # type: ignore[attr-defined]
+    if not fixed:
+        return batch_size
+    if len(fixed) > 1:
+        raise ValueError(f"the model's inputs fix different batch sizes {sorted(fixed)}")
+    b = fixed.pop()
+    if n % b:
+        raise ValueError(f"the model fixes batch size {b}; {n} samples are not a multiple of it")
+    return b
+
+
+def run_model(model_bytes: bytes, inputs: dict[str, np.ndarray], batch_size: int = 64) -> dict[str, np.ndarray]:
+    """All outputs of the model on ``inputs`` (samples on axis 0), run in batches and concatenated."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    data = _as_onnx_bytes(model_bytes)
+    og.check_feeds(parse_model(data), inputs, what="input")
+    backend = load_backend(BACKEND, data, BackendOptions())
+    try:
+        n = len(next(iter(inputs.values())))
+        b = _batch_size(backend, n, batch_size)
+        parts: dict[str, list[np.ndarray]] = {}
+        for s in range(0, n, b):
+            out = backend.infer({k: np.asarray(v[s : s + b]) for k, v in inputs.items()})
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+        return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+    finally:
+        backend.unload()
+
+
+def model_sparsity(model: onnx.ModelProto) -> float:
+    """Fraction of exact zeros among the prunable weights (the linear layers ``prune_model`` would touch)."""
+    refs, _ = og.linear_weights(model)
+    total = zeros = 0
+    for r in refs:
+        w = og.get_weight(model, r)
+        total += w.size
+        zeros += int(np.count_nonzero(w == 0))
+    return zeros / total if total else 0.0
+
+
+def _parameters(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in model.graph.initializer)
+
+
+def evaluate_variant(
+    reference: bytes, candidate: bytes, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None
+) -> dict:
+    """Compare every output of ``candidate`` with ``reference`` on the same inputs.
+
+    Returns ``outputs`` (name -> Agreement dict), ``primary`` (the first output's), ``size_bytes`` (of the
+    candidate as given: an ENCODE artifact counts at its stored size), ``reference_bytes``, ``size_ratio``,
+    ``sparsity`` and ``bits_per_weight`` (stored bits per parameter of the reference).
+    """
+    ref_out = run_model(reference, inputs)
+    cand_bytes = _as_onnx_bytes(candidate)
+    cand_out = run_model(cand_bytes, inputs)
+    names = [o.name for o in parse_model(reference).graph.output]
+    missing = [n for n in names if n not in cand_out]
+    if missing:
+        raise ValueError(f"the candidate lacks output(s) {missing} of the reference")
+    if labels is not None and len(labels) != len(next(iter(inputs.values()))):
+        raise ValueError("labels and inputs have different sample counts")
+    outputs = {n: compare(ref_out[n], cand_out[n], labels).to_dict() for n in names}
+    params = _parameters(parse_model(reference))
+    return {
+        "outputs": outputs,
+        "primary": outputs[names[0]],
+        "size_bytes": len(candidate),
+        "reference_bytes": len(reference),
+        "size_ratio": len(reference) / len(candidate),
+        "sparsity": model_sparsity(parse_model(cand_bytes)),
+        "bits_per_weight": 8 * len(candidate) / params if params else None,
+    }
+
+
+def measure_latency(
+    model_bytes: bytes,
+    inputs: dict[str, np.ndarray],
+    batch_size: int = 1,
+    runs: int = 50,
+    warmup: int = 5,
+    threads: int = 0,
+) -> dict:
+    """Wall-clock latency of one inference of ``batch_size`` samples (taken from ``inputs``, repeated if short)."""
+    if batch_size < 1 or runs < 1 or warmup < 0 or threads < 0:
+        raise ValueError("batch_size and runs must be >= 1, warmup and threads >= 0")
+    data = _as_onnx_bytes(model_bytes)
+    og.check_feeds(parse_model(data), inputs, what="input")
+    backend = load_backend(BACKEND, data, BackendOptions(intra_op_threads=threads))
+    try:
+        feeds = {}
+        for k, v in inputs.items():
+            v = np.asarray(v)
+            reps = -(-batch_size // len(v))
+            feeds[k] = np.concatenate([v] * reps, axis=0)[:batch_size] if reps > 1 else v[:batch_size]
+        for _ in range(warmup):
+            backend.infer(feeds)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            backend.infer(feeds)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        backend.unload()
+    t = np.asarray(times)
+    return {
+        "p50_ms": float(np.percentile(t, 50)),
+        "p99_ms": float(np.percentile(t, 99)),
+        "mean_ms": float(t.mean()),
+        "runs": runs,
+        "batch_size": batch_size,
+        "threads": threads,
+        "backend": BACKEND,
+    }
