@@ -157,9 +157,10 @@ def evaluate_all(
     progress("evaluate", 0.0)
     sample = _latency_sample(original, data)
     rows: list[dict[str, Any]] = []
-    candidates = [("original", "original", original, original, {}), *[
-        (v.name, v.kind, v.stored, v.runnable, v.details) for v in produced
-    ]]
+    candidates = [
+        ("original", "original", original, original, {}),
+        *[(v.name, v.kind, v.stored, v.runnable, v.details) for v in produced],
+    ]
     if data.evaluation is None:
         notes.append("no held-out data: accuracy was not measured; the original stays the default")
     for i, (name, kind, stored, runnable, details) in enumerate(candidates):
@@ -209,9 +210,7 @@ def _latency_sample(original: bytes, data: CompressionData) -> dict[str, np.ndar
     from backends.onnx_model import load_and_inspect
 
     _, info = load_and_inspect(original)
-    return {
-        t.name: np.zeros([1 if d < 0 else d for d in t.shape], dtype=numpy_dtype(t.datatype)) for t in info.inputs
-    }
+    return {t.name: np.zeros([1 if d < 0 else d for d in t.shape], dtype=numpy_dtype(t.datatype)) for t in info.inputs}
 
 
 def _plain(report: Any) -> dict[str, Any]:
