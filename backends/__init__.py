@@ -9,6 +9,14 @@ from backends.base import Backend, BackendError, BackendOptions, BackendUnavaila
 
 def load_backend(kind: str, model: bytes | Path, options: BackendOptions | None = None) -> Backend:
     """Create a backend of the named kind for an ONNX model (bytes or a local file)."""
+    if kind in ("onnxruntime-cuda", "onnxruntime-tensorrt"):
+        from backends.onnxruntime_gpu import OnnxRuntimeGpuBackend
+
+        return OnnxRuntimeGpuBackend(model, options, kind=kind)
+    if kind == "tensorrt":
+        from backends.tensorrt_backend import load_tensorrt
+
+        return load_tensorrt(model, options)
     if kind.startswith("onnxruntime-"):
         from backends.onnxruntime_backend import OnnxRuntimeBackend
 
