@@ -135,9 +135,20 @@ class Metrics:
             queue_depth=self.queue_depth.labels(*lv),
             load=self.load_duration.labels(*lv),
             size=self.variant_size.labels(*lv),
-            accuracy_delta=self.variant_accuracy_delta.labels(*lv),
             ready=self.variant_ready.labels(*lv),
         )
+
+    def set_accuracy_delta(self, labels: tuple[str, str, str, str], delta: float) -> None:
+        """Only measured deltas are exported: a missing series means unknown, not 'no loss'."""
+        self.variant_accuracy_delta.labels(*labels).set(delta)
+
+    def mark_failed(self, model: str, version: int, variant: str, backend: str) -> None:
+        """A variant that failed to load stays visible as not ready (alerts key on the 0)."""
+        self.variant_ready.labels(model, str(version), variant, backend).set(0)
+
+    def forget_failed(self, model: str, version: int, variant: str, backend: str) -> None:
+        with contextlib.suppress(KeyError):
+            self.variant_ready.remove(model, str(version), variant, backend)
 
     def forget(self, vm: VariantMetrics) -> None:
         """Drop an unloaded variant's series so label sets stay bounded by what is loaded."""
@@ -176,5 +187,4 @@ class VariantMetrics:
     queue_depth: Gauge
     load: Histogram
     size: Gauge
-    accuracy_delta: Gauge
     ready: Gauge

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -36,7 +38,12 @@ class ModelConfig(BaseModel):
     instances: int | None = Field(None, ge=1, le=64)
     #: ONNX Runtime intra-op threads per instance (None: cores / instances)
     intra_op_threads: int | None = Field(None, ge=1, le=256)
-    backend: str = "onnxruntime-cpu"
+    #: runtime and device: onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt
+    backend: str = Field("onnxruntime-cpu", pattern=r"^(onnxruntime-(cpu|cuda|tensorrt)|tensorrt)$")
+    #: precision for GPU backends (fp16 converts the model; int8 needs a QDQ variant)
+    precision: str = Field("fp32", pattern=r"^(fp32|fp16|int8)$")
+    #: backend-specific options (docs/gpu.md), passed through to the backend
+    backend_options: dict[str, Any] = Field(default_factory=dict, max_length=32)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     #: the variant that the plain model name serves; pins it against the automatic policy
     default_variant: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")

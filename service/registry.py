@@ -59,6 +59,7 @@ class ServedVersion:
 class LoadFailure:
     sha256: str
     reason: str
+    backend: str = ""
 
 
 class Registry:
@@ -125,7 +126,15 @@ class Registry:
         """Create and warm up the backend instances for one variant (blocking: call off the loop)."""
         instances = config.instances or self.settings.default_instances
         threads = config.intra_op_threads or self.settings.threads_per_instance(instances)
-        opts = BackendOptions(intra_op_threads=threads)
+        opts = BackendOptions(
+            intra_op_threads=threads,
+            precision=config.precision,
+            extra={
+                "max_batch_size": config.max_batch_size or self.settings.default_max_batch_size,
+                "engine_cache_dir": str(self.settings.data_dir.resolve() / "engines"),
+                **config.backend_options,
+            },
+        )
         out: list[Backend] = []
         try:
             for _ in range(instances):
@@ -157,9 +166,12 @@ class Registry:
         vm = self.metrics.bind(record.model, record.number, variant.name, b0.name)
         vm.load.observe(load_seconds)
         vm.size.set(variant.size_bytes)
-        delta = variant.details.get("accuracy_delta")
+        # The original is the reference (0 by definition); other variants export only a measured delta.
+        delta = (
+            0.0 if variant.kind == "original" and variant.name == "original" else variant.details.get("accuracy_delta")
+        )
         if isinstance(delta, int | float):
-            vm.accuracy_delta.set(delta)
+            self.metrics.set_accuracy_delta(vm.labels, delta)
         stats = Stats()
         sched = Scheduler(
             f"{record.model}:{variant.name}/{record.number}",
@@ -251,7 +263,9 @@ class Registry:
                     self._retire(sv)
             for record in desired.values():
                 await self._sync_version(record)
-            self._failures = {k: f for k, f in self._failures.items() if (k[0], k[1]) in desired}
+            for k in [k for k in self._failures if (k[0], k[1]) not in desired]:
+                f = self._failures.pop(k)
+                self.metrics.forget_failed(k[0], k[1], k[2], f.backend)
             self._revision = revision
             self.synced_once = True
 
@@ -279,8 +293,11 @@ class Registry:
                 instances, secs = await asyncio.to_thread(self._load_variant_blocking, v, config)
             except Exception as e:  # a broken artifact must not stop the others from loading
                 log.error("could not load %s:%s version %s: %s", record.model, v.name, record.number, e)
-                self._failures[fkey] = LoadFailure(v.runnable_sha256, str(e)[:500])
+                self._failures[fkey] = LoadFailure(v.runnable_sha256, str(e)[:500], config.backend)
+                self.metrics.mark_failed(record.model, record.number, v.name, config.backend)
                 continue
+            if fkey in self._failures:
+                self.metrics.forget_failed(record.model, record.number, v.name, self._failures.pop(fkey).backend)
             variants[v.name] = self._serve(record, v, instances, config, secs)
         if variants or current:
             self._put(record, variants)

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     admin_token_file: Path | None = None
     inference_token: SecretStr | None = None
+    inference_token_file: Path | None = None
+    #: a file holding the database URL (it carries credentials: mount it from a Secret)
+    database_url_file: Path | None = None
 
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     max_infer_body_bytes: int = Field(256 * 1024 * 1024, ge=1024)
@@ -69,6 +72,10 @@ class Settings(BaseSettings):
     def _defaults(self) -> Settings:
         if self.admin_token is None and self.admin_token_file is not None:
             self.admin_token = SecretStr(self.admin_token_file.read_text().strip())
+        if self.inference_token is None and self.inference_token_file is not None:
+            self.inference_token = SecretStr(self.inference_token_file.read_text().strip())
+        if self.database_url is None and self.database_url_file is not None:
+            self.database_url = self.database_url_file.read_text().strip()
         return self
 
     @property

@@ -236,7 +236,7 @@ class DefaultVariant(BaseModel):
     variant: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
-@router.put("/models/{name}/versions/{version}/default", responses=errors(401, 404, 409, 422))
+@router.put("/models/{name}/versions/{version}/default", responses=errors(400, 401, 404, 409, 422))
 async def pin_default(request: Request, name: str, version: int, body: DefaultVariant) -> dict[str, Any]:
     """Pin the variant that the plain model name serves (the automatic policy no longer changes it)."""
     ctx = ctx_of(request)

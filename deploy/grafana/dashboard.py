@@ -1,0 +1,350 @@
+"""Generate the slimserve Grafana dashboard (deploy/grafana/slimserve-dashboard.json).
+
+    python deploy/grafana/dashboard.py            # rewrite the JSON next to this file
+    python deploy/grafana/dashboard.py --check    # exit 1 if the JSON is out of date
+
+The panels read the metrics defined in service/metrics.py. Every query is filtered by the dashboard's
+``$model`` and ``$variant`` variables and aggregated by (model, variant), so replicas add up and each
+served variant is one line. tests/deploy/test_observability.py runs every query against a real
+Prometheus scraping a real server and requires data back, so a renamed metric or label fails there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).with_name("slimserve-dashboard.json")
+DS = {"type": "prometheus", "uid": "${datasource}"}
+SEL = 'model=~"$model", variant=~"$variant"'
+RATE = "$__rate_interval"
+
+
+def _quantile(q: float, metric: str, by: str = "le, model, variant") -> str:
+    return f"histogram_quantile({q}, sum by ({by}) (rate({metric}_bucket{{{SEL}}}[{RATE}])))"
+
+
+def _mean(metric: str) -> str:
+    return (
+        f"sum by (model, variant) (rate({metric}_sum{{{SEL}}}[{RATE}]))"
+        f" / sum by (model, variant) (rate({metric}_count{{{SEL}}}[{RATE}]))"
+    )
+
+
+def _target(expr: str, legend: str, ref: str, instant: bool = False) -> dict[str, Any]:
+    t: dict[str, Any] = {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": ref}
+    if instant:
+        t.update({"instant": True, "range": False, "format": "table"})
+    else:
+        t.update({"instant": False, "range": True})
+    return t
+
+
+def _panel(
+    pid: int,
+    title: str,
+    targets: list[dict[str, Any]],
+    grid: tuple[int, int, int, int],
+    unit: str = "short",
+    kind: str = "timeseries",
+    description: str = "",
+    decimals: int | None = None,
+) -> dict[str, Any]:
+    x, y, w, h = grid
+    defaults: dict[str, Any] = {"unit": unit}
+    if decimals is not None:
+        defaults["decimals"] = decimals
+    p: dict[str, Any] = {
+        "id": pid,
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "targets": targets,
+    }
+    if kind == "timeseries":
+        p["options"] = {
+            "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["mean", "max", "lastNotNull"]},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
+    elif kind == "bargauge":
+        p["options"] = {
+            "orientation": "horizontal",
+            "displayMode": "basic",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        }
+    return p
+
+
+def _row(pid: int, title: str, y: int) -> dict[str, Any]:
+    return {
+        "id": pid,
+        "type": "row",
+        "title": title,
+        "collapsed": False,
+        "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
+        "panels": [],
+    }
+
+
+def _variable(name: str, label: str, query: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DS,
+        "query": {"query": query, "refId": f"{name}-values"},
+        "definition": query,
+        "refresh": 2,
+        "multi": True,
+        "includeAll": True,
+        "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "sort": 1,
+        "regex": "",
+        "hide": 0,
+        "options": [],
+    }
+
+
+def build() -> dict[str, Any]:
+    err = 'outcome=~"server_error|timeout"'
+    panels = [
+        _row(1, "Latency", 0),
+        _panel(
+            2,
+            "Request latency p50 / p95 / p99 by variant",
+            [
+                _target(_quantile(0.5, "slimserve_request_duration_seconds"), "{{model}}:{{variant}} p50", "A"),
+                _target(_quantile(0.95, "slimserve_request_duration_seconds"), "{{model}}:{{variant}} p95", "B"),
+                _target(_quantile(0.99, "slimserve_request_duration_seconds"), "{{model}}:{{variant}} p99", "C"),
+            ],
+            (0, 1, 24, 9),
+            unit="s",
+            description="Time inside the server from body received to response built, across replicas.",
+        ),
+        _panel(
+            3,
+            "Queue vs compute time (p95)",
+            [
+                _target(_quantile(0.95, "slimserve_queue_duration_seconds"), "{{model}}:{{variant}} queue", "A"),
+                _target(_quantile(0.95, "slimserve_compute_duration_seconds"), "{{model}}:{{variant}} compute", "B"),
+            ],
+            (0, 10, 12, 8),
+            unit="s",
+            description="Queue: waiting for a batch slot (too few instances or replicas). Compute: running the batch.",
+        ),
+        _panel(
+            4,
+            "Queue vs compute time (mean)",
+            [
+                _target(_mean("slimserve_queue_duration_seconds"), "{{model}}:{{variant}} queue", "A"),
+                _target(_mean("slimserve_compute_duration_seconds"), "{{model}}:{{variant}} compute", "B"),
+            ],
+            (12, 10, 12, 8),
+            unit="s",
+        ),
+        _row(5, "Traffic and errors", 18),
+        _panel(
+            6,
+            "Throughput by variant",
+            [
+                _target(
+                    f"sum by (model, variant) (rate(slimserve_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{model}}:{{variant}}",
+                    "A",
+                )
+            ],
+            (0, 19, 8, 8),
+            unit="reqps",
+            description="Inference requests per second, every outcome.",
+        ),
+        _panel(
+            7,
+            "Error rate (server errors + timeouts)",
+            [
+                _target(
+                    f"sum by (model, variant) (rate(slimserve_requests_total{{{SEL}, {err}}}[{RATE}]))"
+                    f" / sum by (model, variant) (rate(slimserve_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{model}}:{{variant}}",
+                    "A",
+                )
+            ],
+            (8, 19, 8, 8),
+            unit="percentunit",
+            description="Share of requests that failed on the server side (the SlimserveHighErrorRate alert).",
+        ),
+        _panel(
+            8,
+            "Requests by outcome",
+            [
+                _target(
+                    f"sum by (outcome) (rate(slimserve_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{outcome}}",
+                    "A",
+                )
+            ],
+            (16, 19, 8, 8),
+            unit="reqps",
+            description="success, client_error (bad requests), server_error, rejected (queue full), timeout.",
+        ),
+        _row(9, "Batching and concurrency", 27),
+        _panel(
+            10,
+            "Batch size",
+            [
+                _target(_mean("slimserve_batch_size"), "{{model}}:{{variant}} mean", "A"),
+                _target(_quantile(0.95, "slimserve_batch_size"), "{{model}}:{{variant}} p95", "B"),
+            ],
+            (0, 28, 8, 8),
+            description="Requests merged into one backend execution.",
+        ),
+        _panel(
+            11,
+            "In-flight requests",
+            [
+                _target(
+                    f"sum by (model, variant) (slimserve_inflight_requests{{{SEL}}})",
+                    "{{model}}:{{variant}}",
+                    "A",
+                )
+            ],
+            (8, 28, 8, 8),
+            description="Requests being handled now, summed over replicas (the HPA's in-flight metric).",
+        ),
+        _panel(
+            12,
+            "Queue depth",
+            [
+                _target(
+                    f"sum by (model, variant) (slimserve_queue_depth{{{SEL}}})",
+                    "{{model}}:{{variant}}",
+                    "A",
+                )
+            ],
+            (16, 28, 8, 8),
+        ),
+        _row(13, "Variants", 36),
+        _panel(
+            14,
+            "Variant size",
+            [
+                _target(
+                    f"max by (model, version, variant) (slimserve_variant_size_bytes{{{SEL}}})",
+                    "{{model}} v{{version}} {{variant}}",
+                    "A",
+                    instant=True,
+                )
+            ],
+            (0, 37, 8, 9),
+            unit="bytes",
+            kind="bargauge",
+        ),
+        _panel(
+            15,
+            "Accuracy delta vs original",
+            [
+                _target(
+                    f"max by (model, version, variant) (slimserve_variant_accuracy_delta{{{SEL}}})",
+                    "{{model}} v{{version}} {{variant}}",
+                    "A",
+                    instant=True,
+                )
+            ],
+            (8, 37, 8, 9),
+            kind="bargauge",
+            decimals=4,
+            description="Measured accuracy change of each variant against the original (negative: a loss).",
+        ),
+        _panel(
+            16,
+            "Replicas serving each variant",
+            [
+                _target(
+                    f"sum by (model, version, variant) (slimserve_variant_ready{{{SEL}}})",
+                    "{{model}} v{{version}} {{variant}}",
+                    "A",
+                )
+            ],
+            (16, 37, 8, 9),
+            description="Replicas on which the variant is loaded and serving.",
+        ),
+        _panel(
+            17,
+            "Model load time (mean per load)",
+            [
+                _target(
+                    f"max by (model, version, variant) (slimserve_model_load_duration_seconds_sum{{{SEL}}}"
+                    f" / slimserve_model_load_duration_seconds_count{{{SEL}}})",
+                    "{{model}} v{{version}} {{variant}}",
+                    "A",
+                    instant=True,
+                )
+            ],
+            (0, 46, 24, 7),
+            unit="s",
+            kind="bargauge",
+            description="Load and warm-up time of a variant on one backend (the slowest replica).",
+        ),
+    ]
+    return {
+        "uid": "slimserve",
+        "title": "slimserve",
+        "description": "slimserve inference: per-variant latency, queueing, throughput, errors and variant facts.",
+        "tags": ["slimserve", "inference"],
+        "timezone": "browser",
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "regex": "",
+                    "options": [],
+                },
+                _variable("model", "Model", "label_values(slimserve_variant_ready, model)"),
+                _variable("variant", "Variant", 'label_values(slimserve_variant_ready{model=~"$model"}, variant)'),
+            ]
+        },
+        "annotations": {"list": []},
+        "links": [],
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if the JSON file is out of date")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else ""
+        if current != text:
+            print(f"{args.out} is out of date: run python deploy/grafana/dashboard.py", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
