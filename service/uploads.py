@@ -18,6 +18,7 @@ from service.model_config import ModelConfig
 from service.registry import Registry
 
 MAX_CALIBRATION_ARRAYS = 64
+MAX_CALIBRATION_BYTES = 1 << 30  # all arrays together, decompressed
 
 
 @dataclass
@@ -28,16 +29,47 @@ class PreparedUpload:
     calibration_samples: int | None
 
 
+def _npy_header(npz: np.lib.npyio.NpzFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one .npz member, from its .npy header (the data stays compressed)."""
+    member = f"{name}.npy" if f"{name}.npy" in npz.zip.namelist() else name
+    with npz.zip.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise ValueError("object arrays (pickles) are not accepted")
+    return tuple(shape), dtype
+
+
 def check_calibration(data: bytes, info: ModelInfo) -> int:
     """Validate a calibration .npz against the model's inputs; returns the number of samples."""
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise BadRequest(f"calibration is not a readable .npz file: {e}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise BadRequest("calibration must be an .npz archive (numpy.savez), not a single .npy array")
     with npz:
         names = [n for n in npz.files if n != "labels"]  # optional labels, for accuracy
         if len(names) > MAX_CALIBRATION_ARRAYS:
             raise BadRequest("calibration holds too many arrays")
+        # Sizes from the .npy headers, before anything is inflated: a few MiB of deflated zeros can
+        # claim gigabytes (a zip bomb), and a member that is not .npy at all loads as raw bytes.
+        total = 0
+        for name in npz.files:
+            try:
+                shape, dtype = _npy_header(npz, name)
+            except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError) as e:
+                raise BadRequest(f"calibration array {name!r} is not a readable .npy array: {e}") from None
+            total += math.prod(shape) * dtype.itemsize
+        if total > MAX_CALIBRATION_BYTES:
+            raise BadRequest(
+                f"calibration arrays hold {total} bytes once decompressed, over the limit of {MAX_CALIBRATION_BYTES}"
+            )
         specs = {t.name: t for t in info.inputs}
         unknown = sorted(set(names) - set(specs))
         missing = sorted(set(specs) - set(names))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 from fastapi import Request
 
+from model_store import Conflict, NotFound
 from service.context import AppContext
-from service.errors import PayloadTooLarge
+from service.errors import ConflictError, NotFoundError, PayloadTooLarge
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 ERROR_SCHEMA = {
     "content": {
@@ -53,3 +59,13 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body is over the {limit}-byte limit")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def store_call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a blocking store operation off the event loop, mapping its lookup errors to 404 / 409."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except NotFound as e:
+        raise NotFoundError(str(e)) from None
+    except Conflict as e:
+        raise ConflictError(str(e)) from None

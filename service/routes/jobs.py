@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from compression.spec import CompressionSpec
-from model_store import JobRecord, NotFound
+from model_store import JobRecord
 from service.auth import require_admin
-from service.errors import BadRequest, NotFoundError, TooManyRequests, Unprocessable
-from service.routes.common import ctx_of, errors
+from service.errors import BadRequest, TooManyRequests, Unprocessable
+from service.routes.common import ctx_of, errors, store_call
 from service.routes.management import read_form
 from service.uploads import check_calibration
 from service.views import version_view
@@ -103,10 +103,7 @@ async def compress(request: Request, name: str, version: int) -> JSONResponse:
         except orjson.JSONDecodeError as e:
             raise BadRequest(f"the body is not valid JSON: {e}") from None
     spec = _spec(spec_data)
-    try:
-        record = await asyncio.to_thread(ctx.store.catalog.get_version, name, version)
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
+    record = await store_call(ctx.store.catalog.get_version, name, version)
     original = record.variant("original")
     stored = spec.model_dump(exclude_none=True)
     if calibration is not None:
@@ -139,29 +136,20 @@ async def list_jobs(request: Request, state: str | None = None) -> dict[str, Any
 
 @router.get("/jobs/{job_id}", responses=errors(401, 404))
 async def get_job(request: Request, job_id: str) -> dict[str, Any]:
-    try:
-        return job_view(await asyncio.to_thread(ctx_of(request).store.catalog.get_job, job_id))
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
+    return job_view(await store_call(ctx_of(request).store.catalog.get_job, job_id))
 
 
 @router.delete("/jobs/{job_id}", responses=errors(401, 404))
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     """Cancel a job: a queued one at once, a running one at its next progress step."""
-    try:
-        return job_view(await asyncio.to_thread(ctx_of(request).store.catalog.cancel_job, job_id))
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
+    return job_view(await store_call(ctx_of(request).store.catalog.cancel_job, job_id))
 
 
 @router.get("/models/{name}/versions/{version}/report", responses=errors(401, 404))
 async def report(request: Request, name: str, version: int) -> dict[str, Any]:
     """The variants table: size, compression ratio, sparsity, accuracy against the original, latency."""
     ctx = ctx_of(request)
-    try:
-        record = await asyncio.to_thread(ctx.store.catalog.get_version, name, version)
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
+    record = await store_call(ctx.store.catalog.get_version, name, version)
     view = version_view(record, ctx.registry)
     original = record.variant("original")
     base_size = original.size_bytes if original else None

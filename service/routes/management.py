@@ -12,12 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
-from model_store import Conflict, NewVariant, NotFound
+from model_store import NewVariant
 from service.auth import require_admin
 from service.context import AppContext
-from service.errors import ApiError, BadRequest, ConflictError, NotFoundError, PayloadTooLarge, Unprocessable
+from service.errors import ApiError, BadRequest, PayloadTooLarge, Unprocessable
 from service.model_config import ModelConfig
-from service.routes.common import ctx_of, errors
+from service.routes.common import ctx_of, errors, store_call
 from service.uploads import prepare_upload
 from service.views import model_view, version_view
 
@@ -186,27 +186,18 @@ async def get_model(request: Request, name: str) -> dict[str, Any]:
 @router.get("/models/{name}/versions/{version}", responses=errors(401, 404))
 async def get_version(request: Request, name: str, version: int) -> dict[str, Any]:
     ctx = ctx_of(request)
-    try:
-        record = await asyncio.to_thread(ctx.store.catalog.get_version, name, version)
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
+    record = await store_call(ctx.store.catalog.get_version, name, version)
     return version_view(record, ctx.registry)
 
 
 async def _get(ctx: AppContext, name: str) -> Any:
-    try:
-        return await asyncio.to_thread(ctx.store.catalog.get_model, name)
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
+    return await store_call(ctx.store.catalog.get_model, name)
 
 
 @router.delete("/models/{name}", responses=errors(401, 404))
 async def delete_model(request: Request, name: str) -> dict[str, Any]:
     ctx = ctx_of(request)
-    try:
-        await asyncio.to_thread(ctx.store.catalog.delete_model, name)
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
+    await store_call(ctx.store.catalog.delete_model, name)
     await _after_delete(ctx)
     return {"deleted": name}
 
@@ -214,10 +205,7 @@ async def delete_model(request: Request, name: str) -> dict[str, Any]:
 @router.delete("/models/{name}/versions/{version}", responses=errors(401, 404))
 async def delete_version(request: Request, name: str, version: int) -> dict[str, Any]:
     ctx = ctx_of(request)
-    try:
-        await asyncio.to_thread(ctx.store.catalog.delete_version, name, version)
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
+    await store_call(ctx.store.catalog.delete_version, name, version)
     await _after_delete(ctx)
     return {"deleted": name, "version": version}
 
@@ -240,12 +228,15 @@ class DefaultVariant(BaseModel):
 async def pin_default(request: Request, name: str, version: int, body: DefaultVariant) -> dict[str, Any]:
     """Pin the variant that the plain model name serves (the automatic policy no longer changes it)."""
     ctx = ctx_of(request)
-    try:
-        await asyncio.to_thread(ctx.store.catalog.set_default_variant, name, version, body.variant, True)
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
-    except Conflict as e:
-        raise ConflictError(str(e)) from None
+    await store_call(ctx.store.catalog.set_default_variant, name, version, body.variant, True)
     await ctx.registry.sync(force=True)
     record = await asyncio.to_thread(ctx.store.catalog.get_version, name, version)
     return version_view(record, ctx.registry)
+
+
+@router.get("/gpus", responses=errors(401))
+async def gpus() -> dict[str, Any]:
+    """The GPUs, drivers and runtimes this process sees (what engines would be built for)."""
+    from backends.gpu import environment_report
+
+    return await asyncio.to_thread(environment_report)

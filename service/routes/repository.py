@@ -7,10 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from model_store import NotFound
 from service.auth import require_admin
-from service.errors import NotFoundError
-from service.routes.common import ctx_of, errors
+from service.routes.common import ctx_of, errors, store_call
 
 router = APIRouter(prefix="/v2/repository", tags=["repository"], dependencies=[Depends(require_admin)])
 
@@ -37,10 +35,7 @@ async def index(request: Request) -> list[dict[str, Any]]:
 async def _set_loaded(request: Request, model_name: str, loaded: bool) -> dict[str, Any]:
     ctx = ctx_of(request)
     name = model_name.partition(":")[0]
-    try:
-        versions = await asyncio.to_thread(ctx.store.catalog.set_loaded, name, None, loaded)
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
+    versions = await store_call(ctx.store.catalog.set_loaded, name, None, loaded)
     await ctx.registry.sync(force=True)
     return {"name": name, "versions": [str(v) for v in versions], "loaded": loaded}
 
