@@ -104,18 +104,37 @@ class LocalBlobStore(BlobStore):
             actual = h.hexdigest()
             if digest is not None and digest != actual:
                 raise ValueError("blob changed while it was being stored")
-            final = self._path(actual)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                os.unlink(tmp_name)
-            else:
-                os.replace(tmp_name, final)
-                _fsync_dir(final.parent)
-            return actual
+            return self._commit(tmp_name, actual)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
+
+    def put_bytes(self, data: bytes) -> str:
+        # Straight into the store's own temp directory (not the system one, as the generic version
+        # does): a crash mid-write leaves a temporary that the startup check removes, never a stray
+        # full copy of the model in /tmp. It also writes the bytes once instead of twice.
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            return self._commit(tmp_name, sha256_bytes(data))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+
+    def _commit(self, tmp_name: str, digest: str) -> str:
+        final = self._path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            os.unlink(tmp_name)
+        else:
+            os.replace(tmp_name, final)
+            _fsync_dir(final.parent)
+        return digest
 
     def local_path(self, digest: str) -> Path:
         p = self._path(digest)

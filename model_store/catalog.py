@@ -194,6 +194,19 @@ class Conflict(RuntimeError):
 
 
 JOB_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+_INT32_MAX = 2**31 - 1  # the INTEGER columns (version numbers) are 32-bit on PostgreSQL
+
+
+def _matchable(*keys: str | int | None) -> bool:
+    """False for lookup keys no row can hold and that the database would refuse with an error rather
+    than match nothing: text with NUL characters (PostgreSQL) and integers outside INTEGER's range
+    (PostgreSQL: out of range; SQLite: OverflowError past 64 bits)."""
+    for k in keys:
+        if isinstance(k, str) and "\x00" in k:
+            return False
+        if isinstance(k, int) and not -_INT32_MAX - 1 <= k <= _INT32_MAX:
+            return False
+    return True
 
 
 def _variant_rec(v: _Variant) -> VariantRecord:
@@ -333,6 +346,8 @@ class Catalog:
             return [self._model_rec(m) for m in models]
 
     def get_model(self, name: str) -> ModelRecord:
+        if not _matchable(name):
+            raise NotFound(f"model {name!r} not found")
         with self._tx() as s:
             m = s.scalar(select(_Model).where(_Model.name == name))
             if m is None:
@@ -349,12 +364,16 @@ class Catalog:
 
     @staticmethod
     def _version_row(s: Session, name: str, number: int) -> _Version:
+        if not _matchable(name, number):
+            raise NotFound(f"model {name!r} has no version {number}")
         v = s.scalar(select(_Version).join(_Model).where(_Model.name == name, _Version.number == number))
         if v is None:
             raise NotFound(f"model {name!r} has no version {number}")
         return v
 
     def delete_model(self, name: str) -> None:
+        if not _matchable(name):
+            raise NotFound(f"model {name!r} not found")
         with self._tx() as s:
             m = s.scalar(select(_Model).where(_Model.name == name))
             if m is None:
@@ -374,6 +393,8 @@ class Catalog:
 
     def set_loaded(self, name: str, number: int | None, loaded: bool) -> list[int]:
         """Set the desired load state of one version, or of all versions when ``number`` is None."""
+        if not _matchable(name):
+            raise NotFound(f"model {name!r} not found")
         with self._tx() as s:
             m = s.scalar(select(_Model).where(_Model.name == name))
             if m is None:
@@ -441,6 +462,8 @@ class Catalog:
             return _job_rec(j)
 
     def get_job(self, job_id: str) -> JobRecord:
+        if not _matchable(job_id):
+            raise NotFound(f"job {job_id!r} not found")
         with self._tx() as s:
             j = s.get(_Job, job_id)
             if j is None:
@@ -448,6 +471,8 @@ class Catalog:
             return _job_rec(j)
 
     def list_jobs(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        if not _matchable(state):
+            return []
         with self._tx() as s:
             q = select(_Job).order_by(_Job.created_at.desc()).limit(limit)
             if state:
@@ -545,6 +570,8 @@ class Catalog:
             return res.rowcount == 1
 
     def cancel_job(self, job_id: str) -> JobRecord:
+        if not _matchable(job_id):
+            raise NotFound(f"job {job_id!r} not found")
         with self._tx() as s:
             j = s.get(_Job, job_id)
             if j is None:

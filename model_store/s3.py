@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from model_store.blobs import _CHUNK, BlobNotFound, BlobStore, check_digest
+from model_store.blobs import _CHUNK, BlobNotFound, BlobStore, check_digest, sha256_bytes
 
 
 class S3BlobStore(BlobStore):
@@ -56,6 +56,14 @@ class S3BlobStore(BlobStore):
             raise ValueError("blob changed while it was being stored")
         if not self.exists(actual):
             self._s3.upload_file(str(path), self.bucket, self._key(actual))
+        return actual
+
+    def put_bytes(self, data: bytes) -> str:
+        # One PUT from memory (atomic on S3): no temporary copy in the system temp directory, which a
+        # crash would leave behind and nothing would clean up.
+        actual = sha256_bytes(data)
+        if not self.exists(actual):
+            self._s3.put_object(Bucket=self.bucket, Key=self._key(actual), Body=data)
         return actual
 
     def local_path(self, digest: str) -> Path:
