@@ -49,8 +49,10 @@ class Backend(ABC):
 
     def warmup(self, batch_size: int = 1) -> None:
         """Run one inference on zeros so first requests don't pay for lazy initialisation."""
-        feeds = {t.name: np.zeros(_concrete(t.shape, batch_size), dtype=_np(t.datatype)) for t in self.inputs}
-        self.infer(feeds)
+        self.infer(self.warmup_feeds(batch_size))
+
+    def warmup_feeds(self, batch_size: int = 1) -> dict[str, np.ndarray]:
+        return {t.name: np.zeros(_concrete(t.shape, batch_size), dtype=_np(t.datatype)) for t in self.inputs}
 
     def unload(self) -> None:  # noqa: B027 - optional hook
         """Free the runtime's resources."""

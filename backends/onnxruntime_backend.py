@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ class OnnxRuntimeBackend(Backend):
         self.outputs = info.outputs
         self._output_names = [o.name for o in self.outputs]
         self._run_options = ort.RunOptions()
+        self._warmup_timeout_s = float(opts.extra.get("warmup_timeout_s", 60.0))
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or self._output_names
@@ -69,6 +71,22 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:
             raise BackendError(f"inference failed: {_first_line(e)}") from None
         return dict(zip(names, results, strict=True))
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Warm up under a time bound: a model that computes for too long on zeros (an endless Loop, an
+        absurd graph) is refused instead of holding a core forever."""
+        run_options = ort.RunOptions()
+        timer = threading.Timer(self._warmup_timeout_s, lambda: setattr(run_options, "terminate", True))
+        timer.daemon = True
+        timer.start()
+        try:
+            self._session.run(None, self.warmup_feeds(batch_size), run_options)
+        except Exception as e:
+            if run_options.terminate:
+                raise BackendError(f"warm-up did not finish within {self._warmup_timeout_s:g} s") from None
+            raise BackendError(f"warm-up failed: {_first_line(e)}") from None
+        finally:
+            timer.cancel()
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self._session.get_providers(), "onnxruntime": ort.__version__}

@@ -11,9 +11,11 @@ import contextlib
 import hashlib
 import os
 import re
+import socket
 import tempfile
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -92,7 +94,7 @@ class LocalBlobStore(BlobStore):
     def put_file(self, path: Path, digest: str | None = None) -> str:
         # Copy through a temp file while hashing: the digest is computed from the bytes actually
         # written, so a caller-supplied digest can never name a blob with other contents.
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=temp_prefix())
         h = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
@@ -114,7 +116,7 @@ class LocalBlobStore(BlobStore):
         # Straight into the store's own temp directory (not the system one, as the generic version
         # does): a crash mid-write leaves a temporary that the startup check removes, never a stray
         # full copy of the model in /tmp. It also writes the bytes once instead of twice.
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=temp_prefix())
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
@@ -158,16 +160,52 @@ class LocalBlobStore(BlobStore):
                     yield f.name, f.stat().st_mtime
 
     def cleanup_temporaries(self) -> int:
-        n = 0
-        for f in self._tmp.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
-                n += 1
-        return n
+        return remove_stale_temporaries(self._tmp.iterdir())
 
     def spool_dir(self) -> Path:
         """A directory on the same filesystem for callers that stage uploads."""
         return self._tmp
+
+
+_HOST = socket.gethostname().replace("-", "_")
+#: a temporary whose writer cannot be checked (another host) is presumed abandoned after this long
+STALE_TEMP_S = 3600.0
+
+
+def temp_prefix() -> str:
+    """Temporaries carry their writer's host and pid, so cleanup never removes a live writer's file."""
+    return f"put-{_HOST}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(paths: Iterable[Path]) -> int:
+    """Remove temporaries whose writer is gone (same host, dead pid) or that are older than STALE_TEMP_S."""
+    n = 0
+    now = time.time()
+    for f in paths:
+        parts = f.name.split("-")
+        live = False
+        if len(parts) >= 4 and parts[0] in ("put", ".part") and parts[1] == _HOST and parts[2].isdigit():
+            live = _pid_alive(int(parts[2]))
+        try:
+            if live and now - f.stat().st_mtime < STALE_TEMP_S:
+                continue
+            f.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -15,7 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from model_store.blobs import _CHUNK, BlobNotFound, BlobStore, check_digest, sha256_bytes
+from model_store.blobs import (
+    _CHUNK,
+    BlobNotFound,
+    BlobStore,
+    check_digest,
+    remove_stale_temporaries,
+    sha256_bytes,
+    temp_prefix,
+)
 
 
 class S3BlobStore(BlobStore):
@@ -71,7 +79,7 @@ class S3BlobStore(BlobStore):
         target = self.cache / digest
         if target.is_file():
             return target
-        fd, tmp = tempfile.mkstemp(dir=self.cache, prefix=".part-")
+        fd, tmp = tempfile.mkstemp(dir=self.cache, prefix="." + temp_prefix().replace("put-", "part-", 1))
         os.close(fd)
         try:
             try:
@@ -115,12 +123,7 @@ class S3BlobStore(BlobStore):
                     yield check_digest(name), obj["LastModified"].timestamp()
 
     def cleanup_temporaries(self) -> int:
-        n = 0
-        for f in self.cache.glob(".part-*"):
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
-                n += 1
-        return n
+        return remove_stale_temporaries(self.cache.glob(".part-*"))
 
 
 def _is_missing(e: Exception) -> bool:

@@ -46,10 +46,10 @@ class ModelStore:
             log.error("catalogue names %d blobs that are missing: %s", len(missing), missing[:5])
         return GcReport(temporaries, orphans, missing)
 
-    def startup_check(self) -> GcReport:
-        """Run once before serving: drop half-written temporaries and orphans older than the grace."""
+    def startup_check(self, grace_seconds: float = 300.0) -> GcReport:
+        """Run once before serving: drop temporaries whose writer is gone, and orphans older than the grace."""
         temporaries = self.blobs.cleanup_temporaries()
-        report = self.collect()
+        report = self.collect(grace_seconds)
         report.temporaries = temporaries
         return report
 

@@ -17,7 +17,7 @@ from service import __version__
 from service.context import AppContext
 from service.errors import ApiError
 from service.settings import Settings
-from service.workers import start_workers, stop_workers
+from service.workers import WorkerPool
 
 log = logging.getLogger("slimserve")
 
@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        report = await asyncio.to_thread(ctx.store.startup_check)
+        report = await asyncio.to_thread(ctx.store.startup_check, settings.gc_grace_s)
         if report.temporaries or report.orphans or report.missing:
             log.warning(
                 "store check: %d temporaries and %d orphan blobs removed, %d missing",
@@ -38,12 +38,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         await ctx.registry.sync(force=True)
         syncer = asyncio.create_task(_sync_loop(ctx))
-        workers = start_workers(settings)
+        workers = WorkerPool(settings)
+        workers.start()
         try:
             yield
         finally:
             ctx.shutting_down = True
-            stop_workers(workers)
+            await workers.stop()
             syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await syncer

@@ -132,6 +132,7 @@ class Registry:
             extra={
                 "max_batch_size": config.max_batch_size or self.settings.default_max_batch_size,
                 "engine_cache_dir": str(self.settings.data_dir.resolve() / "engines"),
+                "warmup_timeout_s": self.settings.warmup_timeout_s,
                 **config.backend_options,
             },
         )

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     default_max_batch_size: int = Field(32, ge=0)
     default_instances: int = Field(1, ge=1, le=64)
     default_max_queue_size: int = Field(1024, ge=1)
+    #: a model whose warm-up inference takes longer is refused (endless loops, absurd graphs)
+    warmup_timeout_s: float = Field(60.0, gt=0)
     #: ONNX Runtime intra-op threads per instance (0: runtime default, all cores)
     intra_op_threads: int = Field(0, ge=0)
 

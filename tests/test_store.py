@@ -145,3 +145,20 @@ def test_default_variant_pin_wins_over_policy(catalog: Catalog) -> None:
     assert catalog.get_version("p", 1).default_variant == "original"
     with pytest.raises(NotFound):
         catalog.set_default_variant("p", 1, "nope", pinned=True)
+
+
+def test_cleanup_spares_live_writers_temporaries(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from model_store.blobs import temp_prefix
+
+    blobs = LocalBlobStore(tmp_path)
+    mine = blobs.spool_dir() / f"{temp_prefix()}inflight"  # this process is alive: an upload in progress
+    mine.write_bytes(b"partial")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host_part = temp_prefix().split("-")[1]
+    gone = blobs.spool_dir() / f"put-{host_part}-{dead.stdout.strip()}-crashed"  # its writer exited
+    gone.write_bytes(b"partial")
+    assert blobs.cleanup_temporaries() == 1
+    assert mine.exists() and not gone.exists()
