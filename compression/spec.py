@@ -42,6 +42,9 @@ class CompressionSpec(_Strict):
     encode: EncodeSpec | None = None
     #: accuracy loss allowed for a variant to become the default (fastest within tolerance wins)
     tolerance: float = Field(0.01, ge=0.0, le=1.0)
+    #: how accuracy is measured against the original: top-1 agreement (classifiers), cosine of the first
+    #: output (embeddings, regression), or auto (top-1 for a 2-D [N, C] output, else cosine)
+    metric: Literal["auto", "top1", "cosine"] = "auto"
     #: share of the calibration samples held out for evaluation
     holdout_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     #: latency measurement: repetitions per variant

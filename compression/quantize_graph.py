@@ -1,0 +1,260 @@
+"""Graph helpers for compression.quantize: weight ops, SmoothQuant, float consumers, chunked data.
+
+numpy + onnx only; the ONNX Runtime parts live in compression/quantize.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+_ONNX_TO_NUMPY = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.DOUBLE: np.float64,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.INT64: np.int64,
+    TensorProto.INT32: np.int32,
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.BOOL: np.bool_,
+}
+
+Data = dict[str, np.ndarray]
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller feeds: graph inputs that no initializer provides."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model insists on (a fixed first dimension of an input), or None when it is free."""
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+    return None
+
+
+def check_data(model: onnx.ModelProto, data: Data, what: str) -> Data:
+    """Arrays for every model input, same sample count on axis 0, cast to the input's element type."""
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{what} is empty: give a dict of input name -> array with samples on axis 0")
+    inputs = graph_inputs(model)
+    names = {i.name for i in inputs}
+    missing = sorted(names - set(data))
+    unknown = sorted(set(data) - names)
+    if missing:
+        raise ValueError(f"{what} is missing model input(s) {missing}; the model takes {sorted(names)}")
+    if unknown:
+        raise ValueError(f"{what} has input(s) {unknown} that the model does not take ({sorted(names)})")
+    out: Data = {}
+    for vi in inputs:
+        arr = np.asarray(data[vi.name])
+        dtype = _ONNX_TO_NUMPY.get(vi.type.tensor_type.elem_type)
+        if dtype is not None and arr.dtype != dtype:
+            arr = arr.astype(dtype)
+        if arr.ndim == 0:
+            raise ValueError(f"{what}[{vi.name!r}] is a scalar; samples go on axis 0")
+        out[vi.name] = arr
+    counts = {k: len(v) for k, v in out.items()}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"{what} inputs disagree on the sample count (axis 0): {counts}")
+    n = next(iter(counts.values()))
+    if n == 0:
+        raise ValueError(f"{what} has no samples")
+    batch = fixed_batch(model)
+    if batch is not None and n % batch:
+        raise ValueError(f"the model takes batches of exactly {batch} (fixed first dimension); {what} has {n} samples")
+    return out
+
+
+def n_samples(data: Data) -> int:
+    return len(next(iter(data.values())))
+
+
+def take(data: Data, idx: np.ndarray) -> Data:
+    return {k: v[idx] for k, v in data.items()}
+
+
+def chunks(data: Data, batch: int) -> Iterator[Data]:
+    """Consecutive batches of at most ``batch`` samples."""
+    n = n_samples(data)
+    for i in range(0, n, batch):
+        yield {k: v[i : i + batch] for k, v in data.items()}
+
+
+# --- graph ---------------------------------------------------------------------------------------------------
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (the quantizer selects and excludes nodes by name)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+@dataclass(frozen=True)
+class WeightNode:
+    name: str
+    op_type: str
+    activation: str  # the float input that gets quantized with the weight
+    weight: str  # initializer name
+    smoothable: bool  # input channels of the activation map onto rows/columns of a 2-D weight
+
+
+def weight_nodes(model: onnx.ModelProto) -> list[WeightNode]:
+    """MatMul / Gemm / Conv whose weight is a float initializer: the ops worth running in int8.
+
+    Activation x activation MatMuls (attention scores), Add, LayerNorm, Softmax, GELU stay float.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in WEIGHT_OPS or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            continue
+        w = inits.get(n.input[1])
+        if w is None or w.data_type != TensorProto.FLOAT or n.input[0] in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "MatMul":
+            if len(w.dims) != 2:  # a batched weight has no single output-channel axis for per-channel scales
+                continue
+            smoothable = True
+        elif n.op_type == "Gemm":
+            smoothable = not attrs.get("transA", 0)
+        else:
+            smoothable = False
+        out.append(WeightNode(n.name, n.op_type, n.input[0], n.input[1], smoothable))
+    return out
+
+
+def add_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    present = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in present:
+            m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    return m
+
+
+def smooth(model: onnx.ModelProto, nodes: list[WeightNode], amax: dict[str, np.ndarray], alpha: float) -> int:
+    """SmoothQuant (Xiao et al. 2023) in place: X W = (X diag(1/s)) (diag(s) W), s_j = max|X_j|^a / max|W_j|^(1-a).
+
+    The per-channel outliers of X move into the rows of W, which per-channel int8 handles well. 1/s is a Mul
+    inserted in front of the quantized consumers of X only, so other consumers (a residual Add) still read X.
+    Returns the number of activations smoothed.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    groups: dict[str, list[WeightNode]] = {}
+    for wn in nodes:
+        if wn.smoothable and wn.activation in amax:
+            groups.setdefault(wn.activation, []).append(wn)
+    taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.initializer}
+    inserted: list[tuple[int, onnx.NodeProto]] = []
+    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    done = 0
+    for x, group in groups.items():
+        weights, axes = [], []
+        for wn in group:
+            node = by_name[wn.name]
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            axes.append(1 if trans_b else 0)  # the axis of W indexed by input channel
+            weights.append(numpy_helper.to_array(inits[wn.weight]))
+        a = amax[x].astype(np.float64)
+        if any(w.shape[ax] != a.shape[0] for w, ax in zip(weights, axes, strict=True)):
+            continue
+        # weights shared with another (unsmoothed) use cannot be rescaled
+        users = sum(1 for n in model.graph.node for i in n.input if i in {wn.weight for wn in group})
+        if users != len(group):
+            continue
+        wmax = np.max([np.abs(w).max(axis=1 - ax) for w, ax in zip(weights, axes, strict=True)], axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = a**alpha / np.maximum(wmax, 1e-12) ** (1.0 - alpha)
+        s = np.where((a > 0) & (wmax > 0) & np.isfinite(s), s, 1.0)
+        s = np.clip(s, 1e-5, 1e5).astype(np.float32)
+        for wn, w, ax in zip(group, weights, axes, strict=True):
+            scaled = w * (s[:, None] if ax == 0 else s[None, :])
+            inits[wn.weight].CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), wn.weight))
+        scale_name = _unique(f"{x}_smooth_inv_scale", taken)
+        out_name = _unique(f"{x}_smoothed", taken)
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), scale_name))
+        mul = helper.make_node("Mul", [x, scale_name], [out_name], name=_unique(f"{x}_SmoothQuantMul", taken))
+        first = min(order[id(by_name[wn.name])] for wn in group)
+        for wn in group:
+            node = by_name[wn.name]
+            node.input[0] = out_name
+        inserted.append((first, mul))
+        done += 1
+    for pos, mul in sorted(inserted, key=lambda t: -t[0]):
+        model.graph.node.insert(pos, mul)
+    return done
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    out, i = name, 1
+    while out in taken:
+        out, i = f"{name}_{i}", i + 1
+    taken.add(out)
+    return out
+
+
+def float_for_unquantized_consumers(model: onnx.ModelProto, quantized: set[str]) -> int:
+    """Give consumers that are not quantized ops the float tensor instead of its Q->DQ copy.
+
+    onnxruntime's QDQ quantizer points every consumer of a quantized activation at a DequantizeLinear output
+    (the shared one, or one of its own with DedicatedQDQPair), so a residual Add reading a LayerNorm output that
+    also feeds quantized MatMuls adds the int8 rounding error into the residual stream. Only tensors that are the
+    input of a quantized op are touched: a Conv output's Q/DQ placed for the next op (what ORT fuses into
+    QLinearConv) stays. Q/DQ pairs left without consumers are removed. Returns how many inputs were rewired.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    source: dict[str, str] = {}  # DQ output -> the float tensor its Q read
+    feeds_quantized: set[str] = set()
+    for n in graph.node:
+        q = producer.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        source[n.output[0]] = q.input[0]
+        if any(c.name in quantized for c in consumers.get(n.output[0], [])):
+            feeds_quantized.add(q.input[0])
+    changed = 0
+    for n in graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.name in quantized:
+            continue
+        for i, x in enumerate(n.input):
+            if x in source and source[x] in feeds_quantized:
+                n.input[i] = source[x]
+                changed += 1
+    if changed:
+        _prune_dead_qdq(graph)
+    return changed
+
+
+def _prune_dead_qdq(graph: onnx.GraphProto) -> None:
+    outputs = {o.name for o in graph.output}
+    for op in ("DequantizeLinear", "QuantizeLinear"):
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type == op and n.output[0] not in used]
+        for n in dead:
+            graph.node.remove(n)
