@@ -90,6 +90,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(management.router)
     app.include_router(jobs.router)
     app.include_router(metrics.router)
+    # The hot path also answers through plain Starlette routes, matched before everything else: FastAPI's
+    # per-request route machinery (dependency solving, parameter validation) measured about 60 us of a
+    # 200 us request (bench: .bench A/B, docs/benchmarks.md). The FastAPI routes stay for the OpenAPI schema.
+    for route in reversed(v2.raw_infer_routes()):
+        app.router.routes.insert(0, route)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

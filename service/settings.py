@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     def threads_per_instance(self, instances: int) -> int:
         if self.intra_op_threads:
             return self.intra_op_threads
-        return max(1, (os.cpu_count() or 1) // max(1, instances))
+        return max(1, usable_cpus() // max(1, instances))
 
     def open_store(self) -> ModelStore:
         return open_store(
@@ -104,3 +104,12 @@ class Settings(BaseSettings):
             self.s3_endpoint_url,
             self.s3_region,
         )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (taskset / cgroup cpusets), not the machine's count: threads beyond
+    them only contend."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from starlette.routing import Route
 
 from backends.datatypes import v2_to_triton_config
 from service import __version__
@@ -213,3 +214,17 @@ def _count_failure(sv: ServedVariant, e: ApiError, t0: int) -> None:
     m.request.observe(elapsed / 1e9)
     with sv.stats.lock:
         sv.stats.fail.add(elapsed)
+
+
+def raw_infer_routes() -> list[Route]:
+    """The infer endpoints as plain Starlette routes (same handler, auth checked inline)."""
+
+    async def endpoint(request: Request) -> Response:
+        await require_inference(request)
+        params = request.path_params
+        return await infer(request, params["model_name"], params.get("model_version"))
+
+    return [
+        Route("/v2/models/{model_name}/infer", endpoint, methods=["POST"]),
+        Route("/v2/models/{model_name}/versions/{model_version}/infer", endpoint, methods=["POST"]),
+    ]
