@@ -79,15 +79,21 @@ def test_s3_blob_store_roundtrip(s3_endpoint: str, bucket: str, tmp_path: Path) 
         store.local_path("../../etc/passwd")
 
 
-def test_replicas_share_store_and_catalogue(
-    server_factory: ServerFactory, s3_endpoint: str, bucket: str, pg_url: str, tmp_path: Path
-) -> None:
-    env = {
+@pytest.fixture
+def shared_env(s3_endpoint: str, bucket: str, pg_url: str) -> dict[str, str]:
+    """What every replica and worker of one deployment shares: the PostgreSQL catalogue and the bucket."""
+    return {
         "SLIMSERVE_DATABASE_URL": pg_url,
         "SLIMSERVE_S3_BUCKET": bucket,
         "SLIMSERVE_S3_ENDPOINT_URL": s3_endpoint,
         **AWS_ENV,
     }
+
+
+def test_replicas_share_store_and_catalogue(
+    server_factory: ServerFactory, shared_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = shared_env
     a = server_factory(data_dir=tmp_path / "a", **env)
     b = server_factory(data_dir=tmp_path / "b", **env)
     body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -122,15 +128,9 @@ def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 @pytest.mark.slow
 def test_two_servers_two_workers_one_killed_mid_job(
-    server_factory: ServerFactory, s3_endpoint: str, bucket: str, pg_url: str, tmp_path: Path
+    server_factory: ServerFactory, shared_env: dict[str, str], pg_url: str, tmp_path: Path
 ) -> None:
-    env = {
-        "SLIMSERVE_DATABASE_URL": pg_url,
-        "SLIMSERVE_S3_BUCKET": bucket,
-        "SLIMSERVE_S3_ENDPOINT_URL": s3_endpoint,
-        "SLIMSERVE_JOB_LEASE_S": "3",
-        **AWS_ENV,
-    }
+    env = {**shared_env, "SLIMSERVE_JOB_LEASE_S": "3"}
     a = server_factory(data_dir=tmp_path / "a", **env)
     b = server_factory(data_dir=tmp_path / "b", **env)
     workers = [
