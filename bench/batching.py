@@ -7,8 +7,8 @@ each POSTing one sequence (binary tensors) back to back. Each configuration gets
 Bar: the batching configuration reaches >= 2x the requests/s of the same server without batching, and
 its p99 is <= 3x its own p50.
 
-    .venv/bin/python bench/batching.py                  # the compared pair, 3 interleaved rounds (~3 min)
-    .venv/bin/python bench/batching.py --rounds 1 --sweep   # the pair and every configuration in SWEEP (~4 min)
+    .venv/bin/python bench/batching.py                  # the compared pair, 3 interleaved rounds (~2.5 min)
+    .venv/bin/python bench/batching.py --rounds 1 --sweep   # the pair and every configuration in SWEEP (~4.5 min)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ The server (and the in-process loop) run on core 0, the load generators on core 
 ``--no-pin``. Bar: at concurrency 1 the server adds at most 0.5 ms to the in-process p50, measured with
 wrk's binary body (the leanest client; perf_analyzer's own client adds ~0.1 ms and is reported beside it).
 
-    .venv/bin/python bench/overhead.py                 # ~3 minutes
+    .venv/bin/python bench/overhead.py                 # ~2-3 minutes
     .venv/bin/python bench/overhead.py --seconds 5 --no-perf-analyzer
 """
 

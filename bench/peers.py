@@ -15,7 +15,7 @@ Bar: at concurrency 8, slimserve >= 1.5x the requests/s of both KServe and MLSer
 The peers' virtualenvs are created under .bench/ on first use (a few minutes, from PyPI):
 .bench/kserve-venv (kserve, onnxruntime) and .bench/mlserver-venv (mlserver, onnxruntime).
 
-    .venv/bin/python bench/peers.py                      # ~4 minutes once the venvs exist
+    .venv/bin/python bench/peers.py                      # ~3.5 minutes once the venvs exist
     .venv/bin/python bench/peers.py --rounds 1 --seconds 5
 """
 
