@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable
-from backends.onnx_model import inspect_model, parse_model
+from backends.onnx_model import model_interface, parse_model
 
 try:
     import onnxruntime as ort
@@ -42,22 +42,17 @@ class OnnxRuntimeBackend(Backend):
         if provider not in ort.get_available_providers():
             raise BackendUnavailable(f"{provider} is not available in this onnxruntime build")
         opts = options or BackendOptions()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if opts.intra_op_threads:
-            so.intra_op_num_threads = opts.intra_op_threads
-        so.inter_op_num_threads = max(1, opts.inter_op_threads)
-        so.log_severity_level = 3
         data = model.read_bytes() if isinstance(model, Path) else model
-        proto = parse_model(data)
-        info = inspect_model(proto)
+        # Untrusted bytes were validated in full (inspect_model) where they entered the store; a backend
+        # only needs the interface, and may be built many times (instances, replicas, restarts).
+        inputs, outputs = model_interface(parse_model(data))
         try:
-            self._session = ort.InferenceSession(data, sess_options=so, providers=[provider])
+            self._session = ort.InferenceSession(data, sess_options=session_options(opts), providers=[provider])
         except Exception as e:
             raise BackendError(f"ONNX Runtime could not load the model: {_first_line(e)}") from None
         self.name = kind
-        self.inputs = info.inputs
-        self.outputs = info.outputs
+        self.inputs = inputs
+        self.outputs = outputs
         self._output_names = [o.name for o in self.outputs]
         self._run_options = ort.RunOptions()
         self._warmup_timeout_s = float(opts.extra.get("warmup_timeout_s", 60.0))
@@ -90,6 +85,17 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self._session.get_providers(), "onnxruntime": ort.__version__}
+
+
+def session_options(opts: BackendOptions) -> Any:
+    """ONNX Runtime session options shared by every ONNX Runtime backend (CPU and GPU)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if opts.intra_op_threads:
+        so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = max(1, opts.inter_op_threads)
+    so.log_severity_level = 3
+    return so
 
 
 def _first_line(e: BaseException) -> str:

@@ -25,8 +25,8 @@ from onnx import ModelProto, TensorProto
 from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, TensorSpec
 from backends.datatypes import numpy_dtype
 from backends.engines import EngineKey, Profile, RuntimeVersions, derive_profile
-from backends.onnx_model import inspect_model, parse_model
-from backends.onnxruntime_backend import InvalidInput, _first_line
+from backends.onnx_model import model_interface, parse_model
+from backends.onnxruntime_backend import InvalidInput, _first_line, session_options
 
 try:
     import onnxruntime as ort
@@ -304,9 +304,8 @@ class OnnxRuntimeGpuBackend(Backend):
             raise BackendError(f"precision must be fp32, fp16 or int8, got {self.precision!r}")
         data = model.read_bytes() if isinstance(model, Path) else model
         proto = parse_model(data)
-        info = inspect_model(proto)
         self.name = kind
-        self.inputs, self.outputs = info.inputs, info.outputs
+        self.inputs, self.outputs = model_interface(proto)
         self._output_names = [o.name for o in self.outputs]
         run_proto = self._prepare_precision(kind, proto)
         run_bytes = run_proto.SerializeToString() if run_proto is not proto else data
@@ -412,12 +411,7 @@ class OnnxRuntimeGpuBackend(Backend):
         return tensorrt_provider_options(s, self.precision, None if static else profile, engine_dir, timing_dir)
 
     def _create(self, data: bytes, providers: list[tuple[str, dict[str, Any]]], opts: BackendOptions) -> Any:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if opts.intra_op_threads:
-            so.intra_op_num_threads = opts.intra_op_threads
-        so.inter_op_num_threads = max(1, opts.inter_op_threads)
-        so.log_severity_level = 3
+        so = session_options(opts)
         if self.settings.disallow_cpu_nodes:
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         try:

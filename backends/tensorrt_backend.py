@@ -25,7 +25,7 @@ import numpy as np
 from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, TensorSpec
 from backends.datatypes import NUMPY_TO_V2
 from backends.engines import PRECISIONS, EngineKey, Profile, RuntimeVersions, derive_profile, timing_cache_name
-from backends.onnx_model import inspect_model, parse_model
+from backends.onnx_model import model_interface, parse_model
 from backends.onnxruntime_backend import InvalidInput
 from backends.onnxruntime_gpu import GpuSettings, has_qdq, is_fp16_model, to_fp16
 
@@ -345,9 +345,9 @@ def load_tensorrt(model: bytes | Path, options: BackendOptions | None = None) ->
     if s.device_id not in gpus:
         raise BackendUnavailable(f"tensorrt: nvidia-smi shows no GPU {s.device_id} (GPUs: {sorted(gpus)})")
     data = model.read_bytes() if isinstance(model, Path) else model
-    info = inspect_model(parse_model(data))
+    inputs, _ = model_interface(parse_model(data))
     try:
-        profile = derive_profile(info.inputs, s.max_batch_size, s.shape_overrides, opt_batch_size=s.opt_batch_size)
+        profile = derive_profile(inputs, s.max_batch_size, s.shape_overrides, opt_batch_size=s.opt_batch_size)
     except ValueError as e:
         raise BackendError(f"cannot derive the TensorRT shape profile: {e}") from None
     runtime = RuntimeVersions.detect()

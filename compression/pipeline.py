@@ -217,10 +217,10 @@ def _latency_sample(original: bytes, data: CompressionData) -> dict[str, np.ndar
     if source is not None:
         return {k: v[:1] for k, v in source.items()}
     from backends.datatypes import numpy_dtype
-    from backends.onnx_model import load_and_inspect
+    from backends.onnx_model import model_interface
 
-    _, info = load_and_inspect(original)
-    return {t.name: np.zeros([1 if d < 0 else d for d in t.shape], dtype=numpy_dtype(t.datatype)) for t in info.inputs}
+    inputs, _ = model_interface(onnx.load_from_string(original))
+    return {t.name: np.zeros([1 if d < 0 else d for d in t.shape], dtype=numpy_dtype(t.datatype)) for t in inputs}
 
 
 def _plain(report: Any) -> dict[str, Any]:

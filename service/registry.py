@@ -52,7 +52,6 @@ class ServedVersion:
     number: int
     default_variant: str
     variants: dict[str, ServedVariant]
-    sha256s: frozenset[str]
 
 
 @dataclass
@@ -68,6 +67,8 @@ class Registry:
         self.store = store
         self.metrics = metrics
         self._versions: dict[tuple[str, int], ServedVersion] = {}
+        #: model -> its highest loaded version, kept by _index() so resolve() does no scan per request
+        self._latest: dict[str, int] = {}
         self._failures: dict[tuple[str, int, str], LoadFailure] = {}
         self._lock = asyncio.Lock()
         self._revision = -1
@@ -87,10 +88,10 @@ class Registry:
             if sv is None:
                 raise self._missing(model, number)
         else:
-            numbers = [n for (m, n) in self._versions if m == model]
-            if not numbers:
+            latest = self._latest.get(model)
+            if latest is None:
                 raise self._missing(model, None)
-            sv = self._versions[(model, max(numbers))]
+            sv = self._versions[(model, latest)]
         key = variant or sv.default_variant
         served = sv.variants.get(key)
         if served is None:
@@ -112,6 +113,16 @@ class Registry:
 
     def served_versions(self) -> list[ServedVersion]:
         return [self._versions[k] for k in sorted(self._versions)]
+
+    def served(self, model: str, number: int, variant: str) -> ServedVariant | None:
+        version = self._versions.get((model, number))
+        return version.variants.get(variant) if version else None
+
+    def _index(self) -> None:
+        self._latest = {}
+        for model, number in self._versions:
+            if number > self._latest.get(model, 0):
+                self._latest[model] = number
 
     def is_loaded(self, model: str, number: int) -> bool:
         return (model, number) in self._versions
@@ -227,13 +238,8 @@ class Registry:
         key = (record.model, record.number)
         old = self._versions.get(key)
         default = record.default_variant or next(iter(variants), "")
-        self._versions[key] = ServedVersion(
-            record.model,
-            record.number,
-            default,
-            variants,
-            frozenset(v.runnable_sha256 for v in record.variants),
-        )
+        self._versions[key] = ServedVersion(record.model, record.number, default, variants)
+        self._index()
         if old:
             for name, sv in old.variants.items():
                 if variants.get(name) is not sv:
@@ -262,6 +268,7 @@ class Registry:
             for key in [k for k in self._versions if k not in desired]:
                 for sv in self._versions.pop(key).variants.values():
                     self._retire(sv)
+                self._index()
             for record in desired.values():
                 await self._sync_version(record)
             for k in [k for k in self._failures if (k[0], k[1]) not in desired]:
@@ -307,5 +314,6 @@ class Registry:
         async with self._lock:
             scheds = [sv.scheduler for ver in self._versions.values() for sv in ver.variants.values()]
             self._versions.clear()
+            self._latest.clear()
         for s in scheds:
             await asyncio.to_thread(s.stop)

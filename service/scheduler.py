@@ -102,7 +102,7 @@ class _Pending:
     key: tuple[Any, ...]
     enqueued_ns: int
     deadline_ns: int | None
-    future: asyncio.Future[tuple[dict[str, np.ndarray], int]]
+    future: asyncio.Future[dict[str, np.ndarray]]
     loop: asyncio.AbstractEventLoop
 
 
@@ -151,8 +151,8 @@ class Scheduler:
         outputs: tuple[str, ...] | None,
         rows: int,
         timeout_ns: int | None = None,
-    ) -> asyncio.Future[tuple[dict[str, np.ndarray], int]]:
-        """Queue a request; the future resolves to (outputs, queue_ns) or raises an ApiError."""
+    ) -> asyncio.Future[dict[str, np.ndarray]]:
+        """Queue a request; the future resolves to its outputs or raises an ApiError."""
         loop = asyncio.get_running_loop()
         now = time.perf_counter_ns()
         timeout_ns = timeout_ns or self.config.default_timeout_ns
@@ -175,9 +175,6 @@ class Scheduler:
             self._cond.notify()
         self.metrics.queue_depth.inc()
         return p.future
-
-    def queue_length(self) -> int:
-        return len(self._queue)
 
     # -- worker threads -------------------------------------------------------------------------------
 
@@ -290,7 +287,7 @@ class Scheduler:
         for p, out in zip(live, parts, strict=True):
             m.queue.observe((start - p.enqueued_ns) / 1e9)
             m.compute.observe(compute_s)
-            _resolve(p, result=(out, start - p.enqueued_ns))
+            _resolve(p, result=out)
 
     def stop(self) -> None:
         with self._cond:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends import Backend, BackendError
+from backends import Backend, BackendError, TensorSpec
 from backends.datatypes import numpy_dtype
 from backends.onnx_model import InvalidModel, ModelInfo, load_and_inspect
 from service.errors import BadRequest
@@ -45,7 +45,7 @@ def _npy_header(npz: np.lib.npyio.NpzFile, name: str) -> tuple[tuple[int, ...], 
     return tuple(shape), dtype
 
 
-def check_calibration(data: bytes, info: ModelInfo) -> int:
+def check_calibration(data: bytes, inputs: list[TensorSpec]) -> int:
     """Validate a calibration .npz against the model's inputs; returns the number of samples."""
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
@@ -70,7 +70,7 @@ def check_calibration(data: bytes, info: ModelInfo) -> int:
             raise BadRequest(
                 f"calibration arrays hold {total} bytes once decompressed, over the limit of {MAX_CALIBRATION_BYTES}"
             )
-        specs = {t.name: t for t in info.inputs}
+        specs = {t.name: t for t in inputs}
         unknown = sorted(set(names) - set(specs))
         missing = sorted(set(specs) - set(names))
         if unknown or missing:
@@ -118,7 +118,7 @@ def prepare_upload(
         _, info = load_and_inspect(model_bytes)
     except InvalidModel as e:
         raise BadRequest(str(e)) from None
-    samples = check_calibration(calibration, info) if calibration is not None else None
+    samples = check_calibration(calibration, info.inputs) if calibration is not None else None
     t0 = time.perf_counter()
     try:
         instances = registry.build_instances(model_bytes, config)

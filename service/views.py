@@ -9,12 +9,7 @@ from service.registry import Registry
 
 
 def variant_view(v: VariantRecord, version: VersionRecord, registry: Registry) -> dict[str, Any]:
-    served = None
-    if registry.is_loaded(version.model, version.number):
-        try:
-            served = registry.resolve(f"{version.model}:{v.name}", str(version.number))
-        except Exception:
-            served = None
+    served = registry.served(version.model, version.number, v.name)
     failure = registry.failure(version.model, version.number, v.name)
     state = "ready" if served else ("failed" if failure else ("unloaded" if not version.loaded else "loading"))
     out: dict[str, Any] = {

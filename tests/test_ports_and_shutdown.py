@@ -41,8 +41,9 @@ def test_split_ports(server_factory: ServerFactory) -> None:
     assert httpx.get(f"{metrics}/v1/models").status_code == 404
 
 
-def test_sigterm_drains_in_flight_requests(server_factory: ServerFactory) -> None:
-    # Requests wait up to 1.5 s in the batcher, so they are in flight when SIGTERM arrives.
+def test_sigterm_drains_requests_waiting_in_the_batcher(server_factory: ServerFactory) -> None:
+    # Requests wait up to 1.5 s in the batcher queue, not yet computing, when SIGTERM arrives
+    # (tests/hardening/test_shutdown.py covers requests that are computing).
     s = server_factory()
     cfg = {"max_batch_size": 64, "batching": {"max_queue_delay_us": 1_500_000, "preferred_batch_sizes": [64]}}
     with s.client() as c:

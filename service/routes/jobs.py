@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from backends import TensorSpec
 from compression.spec import CompressionSpec
 from model_store import JobRecord
 from service.auth import require_admin
@@ -107,12 +108,10 @@ async def compress(request: Request, name: str, version: int) -> JSONResponse:
     original = record.variant("original")
     stored = spec.model_dump(exclude_none=True)
     if calibration is not None:
-        from backends.onnx_model import load_and_inspect
-
         assert original is not None
-        model_bytes = await asyncio.to_thread(ctx.store.blobs.get_bytes, original.runnable_sha256)
-        _, info = await asyncio.to_thread(load_and_inspect, model_bytes)
-        await asyncio.to_thread(check_calibration, calibration, info)
+        # the upload recorded the inputs: no need to read and parse the model on the request path
+        inputs = [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in original.details["inputs"]]
+        await asyncio.to_thread(check_calibration, calibration, inputs)
         stored["calibration_sha256"] = await asyncio.to_thread(ctx.store.blobs.put_bytes, calibration)
     elif spec.quantize is not None and record.calibration_sha256 is None:
         raise Unprocessable(

@@ -15,7 +15,7 @@ from starlette.types import Message
 from model_store import NewVariant
 from service.auth import require_admin
 from service.context import AppContext
-from service.errors import ApiError, BadRequest, PayloadTooLarge, Unprocessable
+from service.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from service.model_config import ModelConfig
 from service.routes.common import ctx_of, errors, store_call
 from service.uploads import prepare_upload
@@ -81,14 +81,10 @@ async def upload_model(request: Request) -> dict[str, Any]:
     return await _create_version(ctx, name, model_bytes, config, calibration_bytes)
 
 
-class _UnsupportedMedia(ApiError):
-    status = 415
-
-
 async def read_form(request: Request, limit: int) -> Any:
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
-        raise _UnsupportedMedia("send multipart/form-data with fields name, model[, calibration, config]")
+        raise UnsupportedMediaType("send multipart/form-data with fields name, model[, calibration, config]")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the upload is {declared} bytes, over the {limit}-byte limit")

@@ -77,7 +77,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             ctx.settings.max_tensor_elements,
         )
         timeout_ns = req.timeout_us * 1000 if req.timeout_us else None
-        outputs, _queue_ns = await sv.scheduler.submit(req.inputs, req.outputs, req.rows, timeout_ns)
+        outputs = await sv.scheduler.submit(req.inputs, req.outputs, req.rows, timeout_ns)
         order = req.outputs or [o.name for o in sv.outputs]
         payload, header_len = encode_response(
             model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default
