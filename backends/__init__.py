@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, TensorSpec
+from backends.base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    BackendUnavailable,
+    InvalidInput,
+    TensorSpec,
+    is_batchable,
+)
 
 
 def load_backend(kind: str, model: bytes | Path, options: BackendOptions | None = None) -> Backend:
@@ -24,4 +32,13 @@ def load_backend(kind: str, model: bytes | Path, options: BackendOptions | None 
     raise BackendUnavailable(f"unknown backend {kind!r}")
 
 
-__all__ = ["Backend", "BackendError", "BackendOptions", "BackendUnavailable", "TensorSpec", "load_backend"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendOptions",
+    "BackendUnavailable",
+    "InvalidInput",
+    "TensorSpec",
+    "is_batchable",
+    "load_backend",
+]

@@ -27,6 +27,15 @@ class BackendUnavailable(BackendError):
     """The runtime (or the device it needs) is not present on this machine."""
 
 
+class InvalidInput(BackendError):
+    """The runtime refused the inputs (shape, type or values): the caller's fault, not the server's."""
+
+
+def is_batchable(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool:
+    """True when every input and output has a dynamic first dimension: requests can be merged along it."""
+    return all(t.shape and t.shape[0] == -1 for t in [*inputs, *outputs])
+
+
 @dataclass
 class BackendOptions:
     intra_op_threads: int = 0  # 0: the runtime's default

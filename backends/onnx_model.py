@@ -49,11 +49,6 @@ class ModelInfo:
     num_nodes: int
     num_parameters: int
 
-    @property
-    def batchable(self) -> bool:
-        """True when every input and output has a dynamic (or symbolic) first dimension."""
-        return all(t.shape and t.shape[0] == -1 for t in [*self.inputs, *self.outputs])
-
 
 # Where NodeProto messages sit, as (message kind, field number) -> kind of the embedded message.
 _WIRE_CHILDREN = {

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable
+from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, InvalidInput
 from backends.onnx_model import model_interface, parse_model
 
 try:
@@ -17,10 +17,6 @@ try:
 except ImportError:  # pragma: no cover - the install always carries one ONNX Runtime flavour
     ort = None  # type: ignore[assignment]
     _OrtInvalidArgument = Exception  # type: ignore[assignment,misc]
-
-
-class InvalidInput(BackendError):
-    """The runtime refused the inputs (shape or type); the caller's fault, not the server's."""
 
 
 class OnnxRuntimeBackend(Backend):
@@ -101,10 +97,3 @@ def session_options(opts: BackendOptions) -> Any:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:500]
-
-
-def available_backends() -> list[str]:
-    if ort is None:
-        return []
-    providers = set(ort.get_available_providers())
-    return [k for k, p in OnnxRuntimeBackend.PROVIDERS.items() if p in providers]

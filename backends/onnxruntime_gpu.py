@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto, TensorProto
 
-from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, TensorSpec
+from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, InvalidInput, TensorSpec
 from backends.datatypes import numpy_dtype
 from backends.engines import EngineKey, Profile, RuntimeVersions, derive_profile
 from backends.onnx_model import model_interface, parse_model
-from backends.onnxruntime_backend import InvalidInput, _first_line, session_options
+from backends.onnxruntime_backend import _first_line, session_options
 
 try:
     import onnxruntime as ort

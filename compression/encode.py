@@ -117,7 +117,7 @@ def _encodable(model: onnx.ModelProto, bits: int) -> tuple[list[int], list[dict]
     return chosen, skipped
 
 
-def quantize_model(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
+def share_model_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
     """The model with every encodable weight replaced by its shared (k-means) values: what decode returns."""
     _check_bits(bits)
     out = onnx.ModelProto()

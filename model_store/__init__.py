@@ -1,13 +1,15 @@
-"""Artifacts at rest (blobs) and their metadata (the catalogue)."""
+"""Artifacts at rest (blobs) and their records (the catalogue): models, versions, variants, jobs."""
 
 from model_store.blobs import BlobNotFound, BlobStore, LocalBlobStore, sha256_bytes
-from model_store.catalog import (
-    Catalog,
-    Conflict,
+from model_store.catalog import Catalog
+from model_store.database import Database
+from model_store.jobs import JobQueue, QueueFull
+from model_store.records import (
     JobRecord,
     ModelRecord,
     NewVariant,
-    NotFound,
+    RecordConflict,
+    RecordNotFound,
     VariantRecord,
     VersionRecord,
 )
@@ -17,13 +19,16 @@ __all__ = [
     "BlobNotFound",
     "BlobStore",
     "Catalog",
-    "Conflict",
+    "Database",
+    "JobQueue",
     "JobRecord",
     "LocalBlobStore",
     "ModelRecord",
     "ModelStore",
     "NewVariant",
-    "NotFound",
+    "QueueFull",
+    "RecordConflict",
+    "RecordNotFound",
     "VariantRecord",
     "VersionRecord",
     "open_store",

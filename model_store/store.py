@@ -9,6 +9,7 @@ from pathlib import Path
 
 from model_store.blobs import BlobStore, LocalBlobStore
 from model_store.catalog import Catalog
+from model_store.jobs import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class ModelStore:
     def __init__(self, blobs: BlobStore, catalog: Catalog) -> None:
         self.blobs = blobs
         self.catalog = catalog
+        self.jobs = JobQueue(catalog.db)
 
     def collect(self, grace_seconds: float = 300.0) -> GcReport:
         temporaries = self.blobs.cleanup_temporaries() if grace_seconds <= 0 else 0

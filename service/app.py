@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__
 from service.context import AppContext
 from service.errors import ApiError
+from service.job_processes import JobProcessPool
 from service.settings import Settings
-from service.workers import WorkerPool
 
 log = logging.getLogger("slimserve")
 
@@ -36,9 +36,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 report.orphans,
                 len(report.missing),
             )
-        await ctx.registry.sync(force=True)
+        await ctx.loaded.sync(force=True)
         syncer = asyncio.create_task(_sync_loop(ctx))
-        workers = WorkerPool(settings)
+        workers = JobProcessPool(settings)
         workers.start()
         try:
             yield
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await syncer
-            await ctx.registry.close()
+            await ctx.loaded.close()
             ctx.store.close()
 
     app = FastAPI(
@@ -111,6 +111,6 @@ async def _sync_loop(ctx: AppContext) -> None:
     while True:
         await asyncio.sleep(ctx.settings.sync_interval_s)
         try:
-            await ctx.registry.sync()
+            await ctx.loaded.sync()
         except Exception:
             log.exception("catalogue sync failed; retrying")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model_store import ModelStore
+from service.loaded import LoadedVariants
 from service.metrics import Metrics
-from service.registry import Registry
 from service.settings import Settings
 
 
@@ -15,7 +15,7 @@ class AppContext:
     settings: Settings
     store: ModelStore
     metrics: Metrics
-    registry: Registry
+    loaded: LoadedVariants
     shutting_down: bool = False
     background: set[object] = field(default_factory=set)
 
@@ -24,4 +24,4 @@ class AppContext:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = settings.open_store()
         metrics = Metrics()
-        return cls(settings, store, metrics, Registry(settings, store, metrics))
+        return cls(settings, store, metrics, LoadedVariants(settings, store, metrics))

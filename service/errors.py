@@ -31,11 +31,11 @@ class Forbidden(ApiError):
     status = 403
 
 
-class NotFoundError(ApiError):
+class NotFound(ApiError):
     status = 404
 
 
-class ConflictError(ApiError):
+class Conflict(ApiError):
     status = 409
 
 

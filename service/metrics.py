@@ -63,7 +63,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "slimserve_batch_size",
-            "Requests merged into one backend execution.",
+            "Rows (batch-dimension entries, summed over the merged requests) in one backend execution.",
             LABELS,
             buckets=BATCH_BUCKETS,
             registry=r,
@@ -109,12 +109,6 @@ class Metrics:
             "slimserve_variant_ready",
             "1 when the variant is loaded and serving.",
             LABELS,
-            registry=r,
-        )
-        self.jobs = Counter(
-            "slimserve_jobs_total",
-            "Jobs finished, by kind and final state.",
-            ("kind", "state"),
             registry=r,
         )
 

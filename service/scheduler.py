@@ -1,7 +1,7 @@
 """Dynamic batching and model instances for one served variant.
 
-Each instance is a backend object driven by its own worker thread (ONNX Runtime releases the GIL while
-it computes, so threads run in parallel). Requests wait in one bounded queue; an idle worker takes the
+Each instance is a backend object driven by its own instance thread (ONNX Runtime releases the GIL while
+it computes, so threads run in parallel). Requests wait in one bounded queue; an idle instance thread takes the
 oldest request and every queued request compatible with it (same non-batch shapes, dtypes and requested
 outputs) up to ``max_batch_size``, optionally waiting up to ``max_queue_delay`` for a preferred size.
 With a delay of 0 (the default) nothing waits: a batch forms only from requests that queued while the
@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from backends import Backend, BackendError
-from backends.onnxruntime_backend import InvalidInput
+from backends import Backend, BackendError, InvalidInput
 from service.errors import ApiError, BadRequest, Unavailable
 from service.metrics import VariantMetrics
 
@@ -137,7 +136,7 @@ class Scheduler:
         self._stopped = False
         self._merge = config.batching and config.max_batch_size > 1
         self._threads = [
-            threading.Thread(target=self._work, args=(b,), name=f"slimserve-{label}-{i}", daemon=True)
+            threading.Thread(target=self._instance_loop, args=(b,), name=f"slimserve-{label}-{i}", daemon=True)
             for i, b in enumerate(instances)
         ]
         for t in self._threads:
@@ -176,7 +175,7 @@ class Scheduler:
         self.metrics.queue_depth.inc()
         return p.future
 
-    # -- worker threads -------------------------------------------------------------------------------
+    # -- instance threads -------------------------------------------------------------------------------
 
     def _take_batch(self) -> list[_Pending] | None:
         cfg = self.config
@@ -222,7 +221,7 @@ class Scheduler:
             self._queue = keep
         return rows
 
-    def _work(self, backend: Backend) -> None:
+    def _instance_loop(self, backend: Backend) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -260,7 +259,7 @@ class Scheduler:
             for p in live:
                 _resolve(p, exc=e if isinstance(e, ApiError) else BadRequest(str(e)))
             return
-        except Exception as e:  # the runtime must never take a worker thread down
+        except Exception as e:  # the runtime must never take an instance thread down
             for p in live:
                 _resolve(p, exc=Unavailable(f"inference failed: {type(e).__name__}: {e}"))
             return

@@ -14,8 +14,8 @@ from backends import Backend, BackendError, TensorSpec
 from backends.datatypes import numpy_dtype
 from backends.onnx_model import InvalidModel, ModelInfo, load_and_inspect
 from service.errors import BadRequest
+from service.loaded import LoadedVariants
 from service.model_config import ModelConfig
-from service.registry import Registry
 
 MAX_CALIBRATION_ARRAYS = 64
 MAX_CALIBRATION_BYTES = 1 << 30  # all arrays together, decompressed
@@ -111,7 +111,7 @@ def check_calibration(data: bytes, inputs: list[TensorSpec]) -> int:
 
 
 def prepare_upload(
-    registry: Registry, model_bytes: bytes, config: ModelConfig, calibration: bytes | None
+    loaded: LoadedVariants, model_bytes: bytes, config: ModelConfig, calibration: bytes | None
 ) -> PreparedUpload:
     """Blocking: parse, check, load on the runtime and warm up. Raises BadRequest saying what is wrong."""
     try:
@@ -121,7 +121,7 @@ def prepare_upload(
     samples = check_calibration(calibration, info.inputs) if calibration is not None else None
     t0 = time.perf_counter()
     try:
-        instances = registry.build_instances(model_bytes, config)
+        instances = loaded.build_instances(model_bytes, config)
     except BackendError as e:
         raise BadRequest(f"the model does not load or run: {e}") from None
     except (MemoryError, ValueError) as e:

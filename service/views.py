@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from model_store import ModelRecord, VariantRecord, VersionRecord
-from service.registry import Registry
+from service.loaded import LoadedVariants
 
 
-def variant_view(v: VariantRecord, version: VersionRecord, registry: Registry) -> dict[str, Any]:
-    served = registry.served(version.model, version.number, v.name)
-    failure = registry.failure(version.model, version.number, v.name)
+def variant_view(v: VariantRecord, version: VersionRecord, loaded: LoadedVariants) -> dict[str, Any]:
+    served = loaded.served(version.model, version.number, v.name)
+    failure = loaded.failure(version.model, version.number, v.name)
     state = "ready" if served else ("failed" if failure else ("unloaded" if not version.loaded else "loading"))
     out: dict[str, Any] = {
         "name": v.name,
@@ -27,8 +27,8 @@ def variant_view(v: VariantRecord, version: VersionRecord, registry: Registry) -
     return out
 
 
-def version_view(version: VersionRecord, registry: Registry) -> dict[str, Any]:
-    variants = [variant_view(v, version, registry) for v in version.variants]
+def version_view(version: VersionRecord, loaded: LoadedVariants) -> dict[str, Any]:
+    variants = [variant_view(v, version, loaded) for v in version.variants]
     states = {v["state"] for v in variants}
     state = (
         "ready"
@@ -47,9 +47,9 @@ def version_view(version: VersionRecord, registry: Registry) -> dict[str, Any]:
     }
 
 
-def model_view(model: ModelRecord, registry: Registry) -> dict[str, Any]:
+def model_view(model: ModelRecord, loaded: LoadedVariants) -> dict[str, Any]:
     return {
         "name": model.name,
         "created_at": model.created_at.isoformat(),
-        "versions": [version_view(v, registry) for v in model.versions],
+        "versions": [version_view(v, loaded) for v in model.versions],
     }

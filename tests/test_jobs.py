@@ -172,24 +172,24 @@ def test_interrupted_job_is_resumed_by_another_worker(tmp_path: Path) -> None:
     sha = store.blobs.put_bytes(model)
     details = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}]}
     store.catalog.create_version("r", [NewVariant("original", "original", sha, len(model), details=details)])
-    job = store.catalog.create_job("compress", "r", 1, {"encode": {"bits": 5}, "latency_runs": 3})
+    job = store.jobs.create("compress", "r", 1, {"encode": {"bits": 5}, "latency_runs": 3})
     # A worker claims it and dies: its lease (0.2 s) is never renewed.
-    assert store.catalog.claim_job("dead-worker", 0.2, ("compress",)) is not None
+    assert store.jobs.claim("dead-worker", 0.2, ("compress",)) is not None
     time.sleep(0.4)
     survivor = JobWorker(store, owner="survivor", lease_s=10)
     assert survivor.run_one(threading.Event())
-    done = store.catalog.get_job(job.id)
+    done = store.jobs.get(job.id)
     assert done.state == "succeeded" and done.attempts == 2
     assert store.catalog.get_version("r", 1).variant("encoded") is not None
 
     # A job interrupted too often is failed with a reason, never silently lost.
-    job2 = store.catalog.create_job("compress", "r", 1, {"encode": {"bits": 5}})
+    job2 = store.jobs.create("compress", "r", 1, {"encode": {"bits": 5}})
     for i in range(3):
-        assert store.catalog.claim_job(f"dead-{i}", 0.05, ("compress",)) is not None
+        assert store.jobs.claim(f"dead-{i}", 0.05, ("compress",)) is not None
         time.sleep(0.1)
     # the sweep fails it; nothing is left to claim
     assert JobWorker(store, owner="late", max_attempts=3).run_one(threading.Event()) is False
-    failed = store.catalog.get_job(job2.id)
+    failed = store.jobs.get(job2.id)
     assert failed.state == "failed" and "interrupted" in (failed.error or "")
 
 

@@ -172,16 +172,17 @@ def test_two_servers_two_workers_one_killed_mid_job(
 
 
 def _wait_for_owner(pg_url: str, job_id: str, timeout: float = 60) -> str:
-    from model_store import Catalog
+    from model_store import Database, JobQueue
 
-    catalog = Catalog(pg_url)
+    db = Database(pg_url)
+    jobs = JobQueue(db)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            job = catalog.get_job(job_id)
+            job = jobs.get(job_id)
             if job.state == "running" and job.lease_owner and job.stage not in (None, "load"):
                 return job.lease_owner
             time.sleep(0.05)
         raise AssertionError(f"no worker took job {job_id}")
     finally:
-        catalog.close()
+        db.close()

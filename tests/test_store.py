@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model_store import Catalog, LocalBlobStore, ModelStore, NewVariant, NotFound, sha256_bytes
+from model_store import Catalog, JobQueue, LocalBlobStore, ModelStore, NewVariant, RecordNotFound, sha256_bytes
 from tests.conftest import POSTGRES_URL, postgres_available
 
 
@@ -93,7 +93,7 @@ def test_versions_are_numbered_per_model(catalog: Catalog) -> None:
     assert catalog.revision() > rev
     assert [v.number for v in catalog.get_model("a").versions] == [2]
     catalog.delete_version("a", 2)
-    with pytest.raises(NotFound):
+    with pytest.raises(RecordNotFound):
         catalog.get_model("a")  # the last version took the model with it
 
 
@@ -119,11 +119,12 @@ def test_concurrent_uploads_never_share_a_number(catalog: Catalog) -> None:
 
 def test_jobs_are_claimed_once(catalog: Catalog) -> None:
     catalog.create_version("j", [_variant()])
-    job = catalog.create_job("compress", "j", 1, {"prune": {"sparsity": 0.5}})
+    jobs = JobQueue(catalog.db)
+    job = jobs.create("compress", "j", 1, {"prune": {"sparsity": 0.5}})
     claims: list[object] = []
 
     def claim(owner: str) -> None:
-        claims.append(catalog.claim_job(owner, 60, ("compress",)))
+        claims.append(jobs.claim(owner, 60, ("compress",)))
 
     threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
     for t in threads:
@@ -132,9 +133,9 @@ def test_jobs_are_claimed_once(catalog: Catalog) -> None:
         t.join()
     won = [c for c in claims if c is not None]
     assert len(won) == 1 and won[0].id == job.id and won[0].state == "running"
-    assert catalog.finish_job(job.id, "someone-else", "succeeded") is False
-    assert catalog.finish_job(job.id, won[0].lease_owner, "succeeded")
-    assert catalog.get_job(job.id).state == "succeeded"
+    assert jobs.finish(job.id, "someone-else", "succeeded") is False
+    assert jobs.finish(job.id, won[0].lease_owner, "succeeded")
+    assert jobs.get(job.id).state == "succeeded"
 
 
 def test_default_variant_pin_wins_over_policy(catalog: Catalog) -> None:
@@ -143,7 +144,7 @@ def test_default_variant_pin_wins_over_policy(catalog: Catalog) -> None:
     catalog.set_default_variant("p", 1, "original", pinned=True)
     catalog.set_default_variant("p", 1, "int8", pinned=False)
     assert catalog.get_version("p", 1).default_variant == "original"
-    with pytest.raises(NotFound):
+    with pytest.raises(RecordNotFound):
         catalog.set_default_variant("p", 1, "nope", pinned=True)
 
 

@@ -8,9 +8,9 @@ from typing import Any, ParamSpec, TypeVar
 
 from fastapi import Request
 
-from model_store import Conflict, NotFound
+from model_store import RecordConflict, RecordNotFound
 from service.context import AppContext
-from service.errors import ConflictError, NotFoundError, PayloadTooLarge
+from service.errors import Conflict, NotFound, PayloadTooLarge
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -65,7 +65,7 @@ async def store_call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T
     """Run a blocking store operation off the event loop, mapping its lookup errors to 404 / 409."""
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
-    except NotFound as e:
-        raise NotFoundError(str(e)) from None
-    except Conflict as e:
-        raise ConflictError(str(e)) from None
+    except RecordNotFound as e:
+        raise NotFound(str(e)) from None
+    except RecordConflict as e:
+        raise Conflict(str(e)) from None

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from backends import TensorSpec
 from compression.spec import CompressionSpec
-from model_store import JobRecord
+from model_store import JobRecord, QueueFull
 from service.auth import require_admin
 from service.errors import BadRequest, TooManyRequests, Unprocessable
 from service.routes.common import ctx_of, errors, store_call
@@ -118,30 +118,28 @@ async def compress(request: Request, name: str, version: int) -> JSONResponse:
             "int8 calibration needs data: this version was uploaded without `calibration`; send the job as "
             "multipart with a `calibration` .npz (arrays named after the inputs, samples on axis 0)"
         )
-    pending = await asyncio.to_thread(ctx.store.catalog.count_jobs, ("queued", "running"))
-    if pending >= ctx.settings.max_pending_jobs:
-        raise TooManyRequests(
-            f"{pending} jobs are queued or running (limit {ctx.settings.max_pending_jobs}); retry when some finish"
-        )
-    job = await asyncio.to_thread(ctx.store.catalog.create_job, "compress", name, version, stored)
+    try:
+        job = await store_call(ctx.store.jobs.create, "compress", name, version, stored, ctx.settings.max_pending_jobs)
+    except QueueFull as e:
+        raise TooManyRequests(f"{e}; retry when some finish") from None
     return JSONResponse(job_view(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("/jobs", responses=errors(401))
 async def list_jobs(request: Request, state: str | None = None) -> dict[str, Any]:
-    jobs = await asyncio.to_thread(ctx_of(request).store.catalog.list_jobs, state)
+    jobs = await asyncio.to_thread(ctx_of(request).store.jobs.recent, state)
     return {"jobs": [job_view(j) for j in jobs]}
 
 
 @router.get("/jobs/{job_id}", responses=errors(401, 404))
 async def get_job(request: Request, job_id: str) -> dict[str, Any]:
-    return job_view(await store_call(ctx_of(request).store.catalog.get_job, job_id))
+    return job_view(await store_call(ctx_of(request).store.jobs.get, job_id))
 
 
 @router.delete("/jobs/{job_id}", responses=errors(401, 404))
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     """Cancel a job: a queued one at once, a running one at its next progress step."""
-    return job_view(await store_call(ctx_of(request).store.catalog.cancel_job, job_id))
+    return job_view(await store_call(ctx_of(request).store.jobs.cancel, job_id))
 
 
 @router.get("/models/{name}/versions/{version}/report", responses=errors(401, 404))
@@ -149,7 +147,7 @@ async def report(request: Request, name: str, version: int) -> dict[str, Any]:
     """The variants table: size, compression ratio, sparsity, accuracy against the original, latency."""
     ctx = ctx_of(request)
     record = await store_call(ctx.store.catalog.get_version, name, version)
-    view = version_view(record, ctx.registry)
+    view = version_view(record, ctx.loaded)
     original = record.variant("original")
     base_size = original.size_bytes if original else None
     rows = []

@@ -130,7 +130,7 @@ def _parse_config(raw: Any) -> ModelConfig:
 async def _create_version(
     ctx: AppContext, name: str, model_bytes: bytes, config: ModelConfig, calibration: bytes | None
 ) -> dict[str, Any]:
-    prepared = await asyncio.to_thread(prepare_upload, ctx.registry, model_bytes, config, calibration)
+    prepared = await asyncio.to_thread(prepare_upload, ctx.loaded, model_bytes, config, calibration)
     try:
         blobs = ctx.store.blobs
         sha = await asyncio.to_thread(blobs.put_bytes, model_bytes)
@@ -159,9 +159,9 @@ async def _create_version(
         for b in prepared.instances:
             b.unload()
         raise
-    await ctx.registry.install(record, {"original": (prepared.instances, prepared.load_seconds)})
+    await ctx.loaded.install(record, {"original": (prepared.instances, prepared.load_seconds)})
     model = await asyncio.to_thread(ctx.store.catalog.get_model, name)
-    view = model_view(model, ctx.registry)
+    view = model_view(model, ctx.loaded)
     view["version"] = record.number
     return view
 
@@ -170,20 +170,20 @@ async def _create_version(
 async def list_models(request: Request) -> dict[str, Any]:
     ctx = ctx_of(request)
     models = await asyncio.to_thread(ctx.store.catalog.list_models)
-    return {"models": [model_view(m, ctx.registry) for m in models]}
+    return {"models": [model_view(m, ctx.loaded) for m in models]}
 
 
 @router.get("/models/{name}", responses=errors(401, 404))
 async def get_model(request: Request, name: str) -> dict[str, Any]:
     ctx = ctx_of(request)
-    return model_view(await _get(ctx, name), ctx.registry)
+    return model_view(await _get(ctx, name), ctx.loaded)
 
 
 @router.get("/models/{name}/versions/{version}", responses=errors(401, 404))
 async def get_version(request: Request, name: str, version: int) -> dict[str, Any]:
     ctx = ctx_of(request)
     record = await store_call(ctx.store.catalog.get_version, name, version)
-    return version_view(record, ctx.registry)
+    return version_view(record, ctx.loaded)
 
 
 async def _get(ctx: AppContext, name: str) -> Any:
@@ -207,7 +207,7 @@ async def delete_version(request: Request, name: str, version: int) -> dict[str,
 
 
 async def _after_delete(ctx: AppContext) -> None:
-    await ctx.registry.sync(force=True)
+    await ctx.loaded.sync(force=True)
     # Blobs go after the rows that named them; the grace period protects a concurrent upload of the
     # same bytes whose catalogue row is not committed yet.
     task = asyncio.create_task(asyncio.to_thread(ctx.store.collect, ctx.settings.gc_grace_s))
@@ -225,9 +225,9 @@ async def pin_default(request: Request, name: str, version: int, body: DefaultVa
     """Pin the variant that the plain model name serves (the automatic policy no longer changes it)."""
     ctx = ctx_of(request)
     await store_call(ctx.store.catalog.set_default_variant, name, version, body.variant, True)
-    await ctx.registry.sync(force=True)
+    await ctx.loaded.sync(force=True)
     record = await asyncio.to_thread(ctx.store.catalog.get_version, name, version)
-    return version_view(record, ctx.registry)
+    return version_view(record, ctx.loaded)
 
 
 @router.get("/gpus", responses=errors(401))

@@ -20,7 +20,7 @@ async def index(request: Request) -> list[dict[str, Any]]:
     out = []
     for m in models:
         for v in m.versions:
-            loaded = ctx.registry.is_loaded(m.name, v.number)
+            loaded = ctx.loaded.is_loaded(m.name, v.number)
             entry: dict[str, Any] = {
                 "name": m.name,
                 "version": str(v.number),
@@ -36,7 +36,7 @@ async def _set_loaded(request: Request, model_name: str, loaded: bool) -> dict[s
     ctx = ctx_of(request)
     name = model_name.partition(":")[0]
     versions = await store_call(ctx.store.catalog.set_loaded, name, None, loaded)
-    await ctx.registry.sync(force=True)
+    await ctx.loaded.sync(force=True)
     return {"name": name, "versions": [str(v) for v in versions], "loaded": loaded}
 
 

@@ -16,7 +16,7 @@ from backends.datatypes import v2_to_triton_config
 from service import __version__
 from service.auth import require_inference
 from service.errors import ApiError, Unavailable
-from service.registry import ServedVariant
+from service.loaded import ServedVariant
 from service.routes.common import ctx_of, errors, read_body
 from service.scheduler import QueueFull, QueueTimeout
 from service.v2codec import HEADER_LENGTH, decode_request, decompress, encode_response
@@ -60,7 +60,7 @@ _INFER_BODY = {
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     t0 = time.perf_counter_ns()
     ctx = ctx_of(request)
-    sv = ctx.registry.resolve(model_name, model_version)
+    sv = ctx.loaded.resolve(model_name, model_version)
     limit = ctx.settings.max_infer_body_bytes
     m = sv.metrics
     m.inflight.inc()
@@ -108,7 +108,7 @@ async def live() -> dict[str, bool]:
 @health_router.get("/v2/health/ready", responses=errors(503))
 async def ready(request: Request) -> dict[str, bool]:
     ctx = ctx_of(request)
-    if ctx.shutting_down or not ctx.registry.synced_once:
+    if ctx.shutting_down or not ctx.loaded.synced_once:
         raise Unavailable("not ready: models are still loading" if not ctx.shutting_down else "shutting down")
     return {"ready": True}
 
@@ -125,7 +125,7 @@ def _stats_entry(sv: ServedVariant, name: str) -> dict[str, Any]:
 @router.get("/v2/models/stats", responses=errors(401))
 async def all_stats(request: Request) -> dict[str, Any]:
     out = []
-    for ver in ctx_of(request).registry.served_versions():
+    for ver in ctx_of(request).loaded.served_versions():
         for vname, sv in ver.variants.items():
             label = ver.model if vname == ver.default_variant else f"{ver.model}:{vname}"
             out.append(_stats_entry(sv, label))
@@ -135,21 +135,21 @@ async def all_stats(request: Request) -> dict[str, Any]:
 @router.get("/v2/models/{model_name}/stats", responses=errors(400, 401, 404))
 @router.get("/v2/models/{model_name}/versions/{model_version}/stats", responses=errors(400, 401, 404))
 async def model_stats(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    sv = ctx_of(request).registry.resolve(model_name, model_version)
+    sv = ctx_of(request).loaded.resolve(model_name, model_version)
     return {"model_stats": [_stats_entry(sv, model_name)]}
 
 
 @router.get("/v2/models/{model_name}/ready", responses=errors(400, 401, 404, 503))
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=errors(400, 401, 404, 503))
 async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    sv = ctx_of(request).registry.resolve(model_name, model_version)
+    sv = ctx_of(request).loaded.resolve(model_name, model_version)
     return {"name": model_name, "version": str(sv.version), "ready": True}
 
 
 @router.get("/v2/models/{model_name}/config", responses=errors(400, 401, 404))
 @router.get("/v2/models/{model_name}/versions/{model_version}/config", responses=errors(400, 401, 404))
 async def model_config(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    sv = ctx_of(request).registry.resolve(model_name, model_version)
+    sv = ctx_of(request).loaded.resolve(model_name, model_version)
     return triton_config(sv, model_name)
 
 
@@ -190,7 +190,7 @@ def triton_config(sv: ServedVariant, name: str) -> dict[str, Any]:
 @router.get("/v2/models/{model_name}", responses=errors(400, 401, 404))
 @router.get("/v2/models/{model_name}/versions/{model_version}", responses=errors(400, 401, 404))
 async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    reg = ctx_of(request).registry
+    reg = ctx_of(request).loaded
     sv = reg.resolve(model_name, model_version)
     return {
         "name": model_name,

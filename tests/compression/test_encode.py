@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compression.encode import MAGIC, decode_model, encode_model, quantize_model, share_weights
+from compression.encode import MAGIC, decode_model, encode_model, share_model_weights, share_weights
 from compression.evaluate import evaluate_variant
 from tests import onnx_models
 from tests.compression.conftest import run, synthetic_inputs
@@ -64,7 +64,7 @@ def test_decode_restores_the_shared_weights_exactly(digits: onnx.ModelProto, pru
     assert blob[:4] == MAGIC and report.encoded_bytes == len(blob)
     decoded = decode_model(blob)
     onnx.checker.check_model(decoded)
-    want, got, orig = initializers(quantize_model(model, BITS)), initializers(decoded), initializers(model)
+    want, got, orig = initializers(share_model_weights(model, BITS)), initializers(decoded), initializers(model)
     assert set(got) == set(want)
     for name in want:
         assert got[name].dtype == want[name].dtype and got[name].tobytes() == want[name].tobytes(), name
@@ -76,7 +76,7 @@ def test_decode_restores_the_shared_weights_exactly(digits: onnx.ModelProto, pru
     for name in {"conv1.bias", "fc1.bias"}:
         np.testing.assert_array_equal(got[name], orig[name])  # small tensors stay exact in the skeleton
     x = {"input": np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)}
-    np.testing.assert_array_equal(run(decoded, x)[0], run(quantize_model(model, BITS), x)[0])
+    np.testing.assert_array_equal(run(decoded, x)[0], run(share_model_weights(model, BITS), x)[0])
     assert encode_model(model, BITS)[0] == blob  # deterministic
 
 
@@ -120,10 +120,10 @@ def test_long_zero_runs_use_escapes_and_round_trip(synthetic: onnx.ModelProto) -
     layer = next(la for la in report.layers if la["name"] == "c1.w")
     assert layer["escapes"] > 0 and layer["nonzeros"] == 6
     np.testing.assert_array_equal(
-        initializers(decode_model(blob))["c1.w"], initializers(quantize_model(model, 2))["c1.w"]
+        initializers(decode_model(blob))["c1.w"], initializers(share_model_weights(model, 2))["c1.w"]
     )
     feeds = synthetic_inputs(4)
-    np.testing.assert_array_equal(run(decode_model(blob), feeds)[0], run(quantize_model(model, 2), feeds)[0])
+    np.testing.assert_array_equal(run(decode_model(blob), feeds)[0], run(share_model_weights(model, 2), feeds)[0])
 
 
 def test_models_with_nothing_to_encode_round_trip_exactly() -> None:
@@ -153,5 +153,5 @@ def test_float16_dense_weights_round_trip() -> None:
     assert layer["gap_bytes"] == 0 and layer["nonzeros"] == w.size  # dense: the gap stream is all zeros
     got = initializers(decode_model(blob))["w"]
     assert got.dtype == np.float16
-    np.testing.assert_array_equal(got, initializers(quantize_model(model, 6))["w"])
+    np.testing.assert_array_equal(got, initializers(share_model_weights(model, 6))["w"])
     assert np.abs(got.astype(np.float32) - w).max() < 0.1

@@ -19,9 +19,9 @@ from onnx import TensorProto
 from backends import BackendError, BackendOptions, BackendUnavailable, load_backend
 from backends import gpu as gpuinfo
 from backends import onnxruntime_gpu as og
-from backends.base import TensorSpec
+from backends.base import InvalidInput, TensorSpec
 from backends.engines import EngineKey, RuntimeVersions, derive_profile, timing_cache_name, validate_profile
-from backends.onnxruntime_backend import InvalidInput, OnnxRuntimeBackend
+from backends.onnxruntime_backend import OnnxRuntimeBackend
 from tests.gpu import dynamic_seq_model, elem_types, load, qdq_linear, static_mlp
 from tests.onnx_models import mlp, mlp_reference
 

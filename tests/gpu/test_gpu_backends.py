@@ -18,7 +18,8 @@ import pytest
 
 from backends import BackendOptions, load_backend
 from backends import gpu as gpuinfo
-from backends.onnxruntime_backend import InvalidInput, OnnxRuntimeBackend
+from backends.base import InvalidInput
+from backends.onnxruntime_backend import OnnxRuntimeBackend
 from tests.gpu import qdq_linear, static_mlp
 from tests.onnx_models import mlp, mlp_reference
 

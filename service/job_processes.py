@@ -42,7 +42,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-class WorkerPool:
+class JobProcessPool:
     """``settings.job_workers`` worker processes, kept alive until ``stop``."""
 
     MAX_BACKOFF_S = 30.0

@@ -1,7 +1,7 @@
-"""The registry: which model versions and variants are loaded in this process, and how to reach them.
+"""The loaded-variant index: which model versions and variants this process has loaded, and how to reach them.
 
 The catalogue holds the desired state (which versions exist, which are marked loaded, their variants and
-default variant); ``Registry.sync`` makes this process match it. Uploads install their freshly loaded
+default variant); ``LoadedVariants.sync`` makes this process match it. Uploads install their freshly loaded
 backends directly; every other change (compression adding a variant, another replica's upload, the
 repository API) arrives through ``sync``, which the app runs at start and then every
 ``sync_interval_s`` seconds when the catalogue's revision counter moves.
@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends import Backend, BackendError, BackendOptions, TensorSpec, load_backend
+from backends import Backend, BackendError, BackendOptions, TensorSpec, is_batchable, load_backend
 from model_store import ModelStore, VariantRecord, VersionRecord
-from service.errors import BadRequest, NotFoundError, Unavailable
+from service.errors import BadRequest, NotFound, Unavailable
 from service.metrics import Metrics, VariantMetrics
 from service.model_config import ModelConfig
 from service.scheduler import Scheduler, SchedulerConfig, Stats
@@ -61,7 +61,7 @@ class LoadFailure:
     backend: str = ""
 
 
-class Registry:
+class LoadedVariants:
     def __init__(self, settings: Settings, store: ModelStore, metrics: Metrics) -> None:
         self.settings = settings
         self.store = store
@@ -98,15 +98,15 @@ class Registry:
             failure = self._failures.get((model, sv.number, key))
             if failure:
                 raise Unavailable(f"variant {key!r} of {model} version {sv.number} failed to load: {failure.reason}")
-            raise NotFoundError(
+            raise NotFound(
                 f"model {model!r} version {sv.number} has no variant {key!r} "
                 f"(variants: {', '.join(sorted(sv.variants)) or 'none loaded'})"
             )
         return served
 
-    def _missing(self, model: str, number: int | None) -> NotFoundError:
+    def _missing(self, model: str, number: int | None) -> NotFound:
         what = f"model {model!r}" + (f" version {number}" if number is not None else "")
-        return NotFoundError(f"{what} is not loaded (unknown, unloaded or still loading)")
+        return NotFound(f"{what} is not loaded (unknown, unloaded or still loading)")
 
     def versions_of(self, model: str) -> list[int]:
         return sorted(n for (m, n) in self._versions if m == model)
@@ -168,7 +168,7 @@ class Registry:
         load_seconds: float,
     ) -> ServedVariant:
         b0 = instances[0]
-        batchable = all(t.shape and t.shape[0] == -1 for t in [*b0.inputs, *b0.outputs])
+        batchable = is_batchable(b0.inputs, b0.outputs)
         mbs = config.max_batch_size
         if mbs is None:
             mbs = self.settings.default_max_batch_size if batchable else 0

@@ -1,4 +1,4 @@
-"""Catalogue changes made outside this process reach the registry: new variants load, broken ones are
+"""Catalogue changes made outside this process reach the loaded-variant index: new variants load, broken ones are
 reported (state, 503 with the reason, slimserve_variant_ready 0), unmeasured accuracy is not exported."""
 
 from __future__ import annotations

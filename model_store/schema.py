@@ -1,0 +1,97 @@
+"""The catalogue's tables (SQLAlchemy ORM). One metadata for every part of the catalogue.
+
+Callers outside ``model_store`` never see these rows: the catalogue classes return plain records.
+New parts of the catalogue add their tables here, so ``create_all`` makes every table at start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: highest version number ever allocated; numbers are never reused, even after a delete
+    last_version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    versions: Mapped[list[VersionRow]] = relationship(
+        back_populates="model", cascade="all, delete-orphan", order_by="VersionRow.number"
+    )
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("model_id", "number", name="uq_version_number"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), nullable=False)
+    number: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Desired state, set by the repository API: replicas load versions whose `loaded` is true.
+    loaded: Mapped[bool] = mapped_column(Boolean, default=True)
+    default_variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pinned_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    calibration_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model: Mapped[ModelRow] = relationship(back_populates="versions")
+    variants: Mapped[list[VariantRow]] = relationship(
+        back_populates="version", cascade="all, delete-orphan", order_by="VariantRow.id"
+    )
+
+
+class VariantRow(Base):
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("version_id", "name", name="uq_variant_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # The artifact that runs (an ONNX file); for encoded variants `sha256` is the compact stored form
+    # and `runnable_sha256` the decoded ONNX model.
+    runnable_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    version: Mapped[VersionRow] = relationship(back_populates="variants")
+
+
+class RevisionRow(Base):
+    """One row whose counter every catalogue change bumps, in the same transaction: replicas poll it."""
+
+    __tablename__ = "revision"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    model_name: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued", index=True)
+    stage: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(String(4000), nullable=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
