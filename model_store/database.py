@@ -14,7 +14,8 @@ from sqlalchemy import create_engine, event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from model_store.schema import Base, RevisionRow
+from model_store.migrate import upgrade
+from model_store.schema import RevisionRow
 
 
 class Database:
@@ -28,7 +29,7 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        Base.metadata.create_all(self.engine)
+        upgrade(self.engine)
         try:
             with self.tx() as s:
                 if s.get(RevisionRow, 1) is None:

@@ -1,7 +1,9 @@
 """The catalogue's tables (SQLAlchemy ORM). One metadata for every part of the catalogue.
 
 Callers outside ``model_store`` never see these rows: the catalogue classes return plain records.
-New parts of the catalogue add their tables here, so ``create_all`` makes every table at start.
+New parts of the catalogue add their tables here; ``model_store.migrate.upgrade`` creates missing tables and adds
+missing columns at start. A column added to an existing table must be nullable or have a ``server_default``
+(old rows get NULL or that default), and nothing is ever renamed or dropped.
 """
 
 from __future__ import annotations

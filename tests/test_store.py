@@ -163,3 +163,25 @@ def test_cleanup_spares_live_writers_temporaries(tmp_path: Path) -> None:
     gone.write_bytes(b"partial")
     assert blobs.cleanup_temporaries() == 1
     assert mine.exists() and not gone.exists()
+
+
+def test_an_older_catalogue_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A database made by an earlier release (here: the jobs table without a later column) gains the column
+    at start, keeps its rows, and works."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    catalog = Catalog(url)
+    catalog.create_version("old", [_variant()])
+    JobQueue(catalog.db).create("compress", "old", 1, {"encode": {"bits": 4}})
+    with catalog.db.engine.begin() as c:
+        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN cancel_requested"))
+    catalog.close()
+
+    upgraded = Catalog(url)
+    jobs = JobQueue(upgraded.db)
+    [job] = jobs.recent()
+    assert job.model == "old" and job.cancel_requested in (None, False)
+    assert jobs.cancel(job.id).state == "cancelled"
+    assert upgraded.get_version("old", 1).variants[0].name == "original"
+    upgraded.close()
