@@ -16,6 +16,9 @@ from typing import Any
 from backends.base import BackendError, BackendOptions
 from backends.engines import Profile
 
+#: TensorRT's builder workspace when a model's config does not ask for another (the server caps it)
+DEFAULT_WORKSPACE_BYTES = 1 << 30
+
 
 @dataclass
 class GpuSettings:
@@ -27,7 +30,7 @@ class GpuSettings:
     shape_overrides: dict[str, dict[str, list[int]]] | None = None  # see engines.derive_profile
     engine_cache_dir: Path | None = None  # root of the engine cache (default: <tmp>/slimserve-engines)
     sparse: bool = False  # the variant is 2:4 structured-sparse: let TensorRT use sparse tensor cores
-    workspace_bytes: int = 1 << 30
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     builder_optimization_level: int | None = None  # TensorRT default (3) when None
     cuda_graph: bool | None = None  # None: on when possible (CUDA EP, all shapes static, no control flow)
     disallow_cpu_nodes: bool = False  # also refuse sessions where single nodes were placed on the CPU

@@ -52,10 +52,12 @@ class Settings(BaseSettings):
     default_max_batch_size: int = Field(32, ge=0)
     default_instances: int = Field(1, ge=1, le=64)
     default_max_queue_size: int = Field(1024, ge=1)
-    #: a model whose warm-up inference takes longer is refused (endless loops, absurd graphs)
+    #: a model whose warm-up inference takes longer is refused (endless loops, compute bombs)
     warmup_timeout_s: float = Field(60.0, gt=0)
-    #: ONNX Runtime intra-op threads per instance (0: runtime default, all cores)
+    #: ONNX Runtime intra-op threads per instance (0: the usable cores divided by the instances)
     intra_op_threads: int = Field(0, ge=0)
+    #: the most TensorRT builder workspace a model's config may ask for (backend_options.workspace_bytes)
+    max_workspace_bytes: int = Field(4 << 30, ge=1 << 20)
 
     #: how often (seconds) a replica polls the catalogue for versions added elsewhere
     sync_interval_s: float = Field(2.0, gt=0)
