@@ -196,7 +196,7 @@ class LoadedVariants:
             return NotFound(f"model {model!r} is unknown")
         if number is not None and (model, number) not in self._known:
             return NotFound(f"model {model!r} has no version {number} (versions: {numbers})")
-        n = number if number is not None else max(numbers)
+        n = number if number is not None else self._known_latest.get(model, max(numbers))
         known = self._known[(model, n)]
         if not known.loaded:
             return NotFound(f"model {model!r} version {n} is unloaded (POST /v2/repository/models/{model}/load)")

@@ -167,10 +167,18 @@ def _sample(metrics: Metrics, name: str, labels: tuple[str, ...], **extra: str) 
 def test_unloaded_version_is_not_found_with_the_reason(lv: LoadedVariants, store: ModelStore) -> None:
     async def body() -> None:
         add_version(store, "u", mlp())
+        add_version(store, "u", mlp(seed=2))
         await lv.sync()
-        store.catalog.set_loaded("u", 1, False)
+        store.catalog.set_loaded("u", 2, False)
         await lv.sync()
-        with pytest.raises(NotFound, match="version 1 is unloaded"):
+        assert (await lv.resolve("u")).version == 1  # the latest loaded version serves the plain name
+        with pytest.raises(NotFound, match="version 2 is unloaded"):
+            await lv.resolve("u", "2")
+        with pytest.raises(NotFound, match=r"'u' version 1 has no variant 'x'"):  # not "version 2 is unloaded"
+            await lv.resolve("u:x")
+        store.catalog.set_loaded("u", None, False)
+        await lv.sync()
+        with pytest.raises(NotFound, match="version 2 is unloaded"):
             await lv.resolve("u")
         await lv.close()
 
