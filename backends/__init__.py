@@ -11,6 +11,7 @@ from backends.base import (
     BackendUnavailable,
     InvalidInput,
     TensorSpec,
+    WarmupTimeout,
     is_batchable,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "BackendUnavailable",
     "InvalidInput",
     "TensorSpec",
+    "WarmupTimeout",
     "is_batchable",
     "load_backend",
 ]

@@ -31,6 +31,10 @@ class InvalidInput(BackendError):
     """The runtime refused the inputs (shape, type or values): the caller's fault, not the server's."""
 
 
+class WarmupTimeout(BackendError):
+    """The warm-up inference ran past its deadline: an endless loop or a compute bomb, never served."""
+
+
 def is_batchable(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool:
     """True when every input and output has a dynamic first dimension: requests can be merged along it."""
     return all(t.shape and t.shape[0] == -1 for t in [*inputs, *outputs])
@@ -56,12 +60,14 @@ class Backend(ABC):
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model. ``outputs`` limits which outputs are computed and returned."""
 
-    def warmup(self, batch_size: int = 1) -> None:
-        """Run one inference on zeros so first requests don't pay for lazy initialisation."""
-        self.infer(self.warmup_feeds(batch_size))
+    def warmup(self, feeds: dict[str, np.ndarray] | None = None) -> None:
+        """Run one inference so first requests don't pay for lazy initialisation: on ``feeds`` when the caller
+        has real samples, else on zeros (``zero_feeds``)."""
+        self.infer(feeds if feeds is not None else self.zero_feeds())
 
-    def warmup_feeds(self, batch_size: int = 1) -> dict[str, np.ndarray]:
-        return {t.name: np.zeros(_concrete(t.shape, batch_size), dtype=_np(t.datatype)) for t in self.inputs}
+    def zero_feeds(self, batch_size: int = 1) -> dict[str, np.ndarray]:
+        """Zeros for every input, dynamic dimensions set to ``batch_size`` (the first) and 1 (the others)."""
+        return {t.name: np.zeros(concrete_shape(t.shape, batch_size), dtype=_np(t.datatype)) for t in self.inputs}
 
     def unload(self) -> None:  # noqa: B027 - optional hook
         """Free the runtime's resources."""
@@ -76,5 +82,5 @@ def _np(dt: str) -> np.dtype:
     return numpy_dtype(dt)
 
 
-def _concrete(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
+def concrete_shape(shape: tuple[int, ...], batch: int = 1) -> tuple[int, ...]:
     return tuple((batch if i == 0 else 1) if d < 0 else d for i, d in enumerate(shape))

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, InvalidInput
+from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, InvalidInput, WarmupTimeout
 from backends.onnx_model import model_interface, parse_model
 
 try:
@@ -63,18 +63,23 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"inference failed: {_first_line(e)}") from None
         return dict(zip(names, results, strict=True))
 
-    def warmup(self, batch_size: int = 1) -> None:
-        """Warm up under a time bound: a model that computes for too long on zeros (an endless Loop, an
-        absurd graph) is refused instead of holding a core forever."""
+    def warmup(self, feeds: dict[str, np.ndarray] | None = None) -> None:
+        """Warm up under a time bound: a model that computes for too long (an endless Loop, an absurd graph)
+        raises WarmupTimeout instead of holding a core forever. Other failures keep their kind: InvalidInput
+        for inputs the model refuses (made-up warm-up values often are), BackendError for the rest."""
         run_options = ort.RunOptions()
         timer = threading.Timer(self._warmup_timeout_s, lambda: setattr(run_options, "terminate", True))
         timer.daemon = True
         timer.start()
         try:
-            self._session.run(None, self.warmup_feeds(batch_size), run_options)
+            self._session.run(None, feeds if feeds is not None else self.zero_feeds(), run_options)
+        except _OrtInvalidArgument as e:
+            if run_options.terminate:
+                raise WarmupTimeout(f"warm-up did not finish within {self._warmup_timeout_s:g} s") from None
+            raise InvalidInput(f"warm-up failed: {_first_line(e)}") from None
         except Exception as e:
             if run_options.terminate:
-                raise BackendError(f"warm-up did not finish within {self._warmup_timeout_s:g} s") from None
+                raise WarmupTimeout(f"warm-up did not finish within {self._warmup_timeout_s:g} s") from None
             raise BackendError(f"warm-up failed: {_first_line(e)}") from None
         finally:
             timer.cancel()

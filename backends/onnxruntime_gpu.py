@@ -2,31 +2,33 @@
 
 ONNX Runtime quietly runs a session on the CPU when the CUDA provider library cannot load (missing CUDA or
 cuDNN, a CPU-only wheel, no driver): ``InferenceSession`` succeeds and ``get_providers()`` lists only
-``CPUExecutionProvider``. Every session made here is checked against what was requested, and a fallback is a
-``BackendUnavailable`` naming the reason, never a slow "GPU" backend.
+``CPUExecutionProvider``. Every session made here is checked against what was requested
+(``ort_providers.check_providers``), and a fallback is a ``BackendUnavailable`` naming the reason, never a slow
+"GPU" backend.
 
-Options come from ``BackendOptions.extra`` (see :class:`GpuSettings`); precision from ``BackendOptions.precision``.
+Options come from ``BackendOptions.extra`` (``gpu_options.GpuSettings``); precision from
+``BackendOptions.precision`` (``precision.to_fp16`` / ``has_qdq``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import ModelProto, TensorProto
+from onnx import ModelProto
 
 from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, InvalidInput, TensorSpec
 from backends.datatypes import numpy_dtype
-from backends.engines import EngineKey, Profile, RuntimeVersions, derive_profile
+from backends.engines import EngineKey, RuntimeVersions, derive_profile
+from backends.gpu_options import GpuSettings, cuda_provider_options, tensorrt_provider_options
 from backends.onnx_model import model_interface, parse_model
 from backends.onnxruntime_backend import _first_line, session_options
+from backends.ort_providers import CUDA_EP, TRT_EP, available_providers, check_providers, preload_cuda_libraries
+from backends.precision import has_qdq, is_fp16_model, to_fp16
 
 try:
     import onnxruntime as ort
@@ -35,244 +37,12 @@ except ImportError:  # pragma: no cover - the install always carries one ONNX Ru
     ort = None  # type: ignore[assignment]
     _OrtInvalidArgument = Exception  # type: ignore[assignment,misc]
 
-CUDA_EP = "CUDAExecutionProvider"
-TRT_EP = "TensorrtExecutionProvider"
 GPU_KINDS: dict[str, tuple[str, ...]] = {
     "onnxruntime-cuda": (CUDA_EP,),
     # TensorRT first; CUDA takes the nodes TensorRT cannot run (the order ONNX Runtime's docs prescribe)
     "onnxruntime-tensorrt": (TRT_EP, CUDA_EP),
 }
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-_preload_note: str | None = None
-_preload_lock = threading.Lock()
-_preloaded = False
-
-
-# -- model transforms ------------------------------------------------------------------------------------------
-
-
-def to_fp16(model: ModelProto, op_block_list: list[str] | None = None) -> ModelProto:
-    """An FP16 copy of ``model`` whose inputs and outputs stay FP32 (what clients send and expect).
-
-    Uses ``onnxruntime.transformers.float16.convert_float_to_float16``: it ships inside every onnxruntime and
-    onnxruntime-gpu wheel (no extra dependency), is maintained by the ONNX Runtime team as a fork of
-    onnxconverter-common's converter with fixes (mixed-type Resize/GroupNorm inputs, fp32-only initializers
-    kept where a blocked op needs them), and with ``keep_io_types=True`` inserts Cast nodes at the graph
-    boundary. Ops in its default block list (TopK, NonMaxSuppression, Range, CumSum, ...) stay FP32. Values
-    outside FP16's range are clamped to +-65504. Note: importing it appends the onnxruntime/transformers
-    folder to sys.path (a side effect of that package's __init__).
-    """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    copy = ModelProto()
-    copy.CopyFrom(model)
-    out = convert_float_to_float16(copy, keep_io_types=True, op_block_list=op_block_list)
-    _toposort(out)  # the converter appends its input Casts last; onnx.checker requires topological order
-    return out
-
-
-def _toposort(model: ModelProto) -> None:
-    """Reorder the main graph's nodes topologically (stable: keeps the given order where it is free)."""
-    g = model.graph
-    produced = {o: i for i, n in enumerate(g.node) for o in n.output if o}
-    deps = [{produced[x] for x in n.input if x in produced and produced[x] != i} for i, n in enumerate(g.node)]
-    users: dict[int, list[int]] = {i: [] for i in range(len(g.node))}
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    waiting = [len(d) for d in deps]
-    ready = sorted(i for i, w in enumerate(waiting) if w == 0)
-    order: list[int] = []
-    while ready:
-        i = ready.pop(0)
-        order.append(i)
-        for u in users[i]:
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                ready.append(u)
-                ready.sort()
-    if len(order) != len(g.node):
-        raise BackendError("the fp16 graph has a cycle and cannot be ordered")
-    nodes = [g.node[i] for i in order]
-    copies = [type(n)() for n in nodes]
-    for c, n in zip(copies, nodes, strict=True):
-        c.CopyFrom(n)
-    del g.node[:]
-    g.node.extend(copies)
-
-
-def is_fp16_model(model: ModelProto) -> bool:
-    """True when the weights are already FP16 (no FP32 initializers, at least one FP16 one)."""
-    types = {init.data_type for init in model.graph.initializer}
-    return TensorProto.FLOAT16 in types and TensorProto.FLOAT not in types
-
-
-def has_qdq(model: ModelProto) -> bool:
-    """True for explicitly quantized (QuantizeLinear/DequantizeLinear) models: what TensorRT's int8 needs."""
-    return any(n.op_type in QDQ_OPS for n in model.graph.node)
-
-
-# -- settings and provider options ----------------------------------------------------------------------------
-
-
-@dataclass
-class GpuSettings:
-    """The GPU knobs, read from ``BackendOptions.extra``."""
-
-    device_id: int = 0
-    max_batch_size: int = 8  # the profile's max batch for dynamic-batch models (TensorRT paths)
-    opt_batch_size: int | None = None
-    shape_overrides: dict[str, dict[str, list[int]]] | None = None  # see engines.derive_profile
-    engine_cache_dir: Path | None = None  # root of the engine cache (default: <tmp>/slimserve-engines)
-    sparse: bool = False  # the variant is 2:4 structured-sparse: let TensorRT use sparse tensor cores
-    workspace_bytes: int = 1 << 30
-    builder_optimization_level: int | None = None  # TensorRT default (3) when None
-    cuda_graph: bool | None = None  # None: on when possible (CUDA EP, all shapes static, no control flow)
-    disallow_cpu_nodes: bool = False  # also refuse sessions where single nodes were placed on the CPU
-
-    @classmethod
-    def from_options(cls, options: BackendOptions) -> GpuSettings:
-        x = options.extra or {}
-        s = cls()
-        for name in ("device_id", "max_batch_size", "workspace_bytes"):
-            if name in x:
-                setattr(s, name, _int(x[name], name, minimum=0))
-        if x.get("opt_batch_size") is not None:
-            s.opt_batch_size = _int(x["opt_batch_size"], "opt_batch_size", minimum=1)
-        if x.get("builder_optimization_level") is not None:
-            s.builder_optimization_level = _int(x["builder_optimization_level"], "builder_optimization_level", 0)
-        if x.get("shape_overrides") is not None:
-            s.shape_overrides = dict(x["shape_overrides"])
-        if x.get("engine_cache_dir") is not None:
-            s.engine_cache_dir = Path(x["engine_cache_dir"])
-        for name in ("sparse", "disallow_cpu_nodes"):
-            if name in x:
-                setattr(s, name, bool(x[name]))
-        if x.get("cuda_graph") is not None:
-            s.cuda_graph = bool(x["cuda_graph"])
-        return s
-
-    def cache_root(self) -> Path:
-        return self.engine_cache_dir or Path(tempfile.gettempdir()) / "slimserve-engines"
-
-
-def _int(v: Any, name: str, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise BackendError(f"option {name} must be an integer >= {minimum}, got {v!r}")
-    return v
-
-
-def profile_option_strings(profile: Profile) -> tuple[str, str, str]:
-    """trt_profile_min_shapes / opt / max in the TRT EP's format: ``in1:1x3x224x224,in2:1x8``."""
-    parts: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
-    for name in sorted(profile):
-        if any(c in name for c in ":,"):
-            raise BackendError(f"input name {name!r} contains ':' or ',' and cannot be written as a TRT EP profile")
-        for b in parts:
-            parts[b].append(f"{name}:{'x'.join(str(d) for d in profile[name][b])}")
-    return ",".join(parts["min"]), ",".join(parts["opt"]), ",".join(parts["max"])
-
-
-def cuda_provider_options(device_id: int, cuda_graph: bool) -> dict[str, str]:
-    opts = {"device_id": str(device_id), "cudnn_conv_algo_search": "EXHAUSTIVE"}
-    if cuda_graph:
-        opts["enable_cuda_graph"] = "1"
-    return opts
-
-
-def tensorrt_provider_options(
-    settings: GpuSettings,
-    precision: str,
-    profile: Profile | None,
-    engine_dir: Path,
-    timing_dir: Path,
-) -> dict[str, Any]:
-    """Options for TensorrtExecutionProvider (names as in onnxruntime's tensorrt_execution_provider_info.cc)."""
-    opts: dict[str, Any] = {
-        "device_id": settings.device_id,
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(engine_dir),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(timing_dir),
-        "trt_max_workspace_size": settings.workspace_bytes,
-        # FP16: the model handed over is already converted (strongly typed under TensorRT 11, where the flag is
-        # gone); on TensorRT 10 the flag also lets TensorRT pick FP16 kernels for what stayed FP32.
-        "trt_fp16_enable": precision == "fp16",
-        # INT8 from the model's Q/DQ nodes (explicit quantization): no calibration table is given.
-        "trt_int8_enable": precision == "int8",
-        "trt_sparsity_enable": settings.sparse,
-    }
-    if settings.builder_optimization_level is not None:
-        opts["trt_builder_optimization_level"] = settings.builder_optimization_level
-    if profile is not None:
-        lo, opt, hi = profile_option_strings(profile)
-        opts.update(trt_profile_min_shapes=lo, trt_profile_opt_shapes=opt, trt_profile_max_shapes=hi)
-    return opts
-
-
-# -- provider availability and the fallback check ---------------------------------------------------------------
-
-
-def _available_providers() -> list[str]:
-    return list(ort.get_available_providers()) if ort is not None else []
-
-
-def preload_cuda_libraries() -> str | None:
-    """``onnxruntime.preload_dlls()`` once per process (CUDA and cuDNN from the nvidia-* wheels), where this
-    onnxruntime has it (1.32 does). Returns a note when it failed; the session check still has the last word."""
-    global _preloaded, _preload_note
-    with _preload_lock:
-        if not _preloaded:
-            _preloaded = True
-            fn = getattr(ort, "preload_dlls", None)
-            if fn is not None:
-                try:
-                    fn()
-                except Exception as e:
-                    _preload_note = f"onnxruntime.preload_dlls() failed: {_first_line(e)}"
-        return _preload_note
-
-
-def explain_provider_failure(provider: str) -> str:
-    """Best guess at why ``provider`` did not load, found the way ONNX Runtime fails: by loading its library."""
-    from backends.gpu import list_gpus
-
-    reasons = []
-    if not list_gpus():
-        reasons.append("nvidia-smi reports no NVIDIA GPU (no GPU, no driver, or the container was started without one)")
-    lib = {CUDA_EP: "cuda", TRT_EP: "tensorrt"}.get(provider)
-    if lib and ort is not None:
-        path = Path(ort.__file__).parent / "capi" / f"libonnxruntime_providers_{lib}.so"
-        if not path.exists():
-            reasons.append(f"{path.name} is not in this onnxruntime wheel (a CPU build: install onnxruntime-gpu)")
-        else:
-            try:
-                ctypes.CDLL(str(path))
-            except OSError as e:
-                reasons.append(f"loading {path.name} failed: {_first_line(e)}")
-    if _preload_note:
-        reasons.append(_preload_note)
-    return (
-        "; ".join(reasons) or "no cause found here: rerun with SessionOptions.log_severity_level = 0 to see ORT's log"
-    )
-
-
-def check_providers(kind: str, requested: list[str], actual: list[str], reason: str | None = None) -> None:
-    """Raise BackendUnavailable unless every requested provider is in the session's providers."""
-    missing = [p for p in requested if p not in actual]
-    if not missing:
-        return
-    gpu_left = [p for p in actual if p in (CUDA_EP, TRT_EP)]
-    target = gpu_left[0] if gpu_left else "CPU"
-    why = reason if reason is not None else explain_provider_failure(missing[0])
-    raise BackendUnavailable(
-        f"{kind}: ONNX Runtime was asked for {requested} but the session has {actual}: {missing[0]} did not load "
-        f"and it fell back to {target}: {why}"
-    )
-
-
-# -- the backend ----------------------------------------------------------------------------------------------
 
 
 class OnnxRuntimeGpuBackend(Backend):
@@ -289,7 +59,7 @@ class OnnxRuntimeGpuBackend(Backend):
         if kind not in self.KINDS:
             raise BackendUnavailable(f"unknown ONNX Runtime GPU backend {kind!r} (known: {sorted(self.KINDS)})")
         requested = list(self.KINDS[kind])
-        available = _available_providers()
+        available = available_providers()
         absent = [p for p in requested if p not in available]
         if absent:
             raise BackendUnavailable(

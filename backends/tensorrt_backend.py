@@ -25,8 +25,9 @@ import numpy as np
 from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, InvalidInput, TensorSpec
 from backends.datatypes import NUMPY_TO_V2
 from backends.engines import PRECISIONS, EngineKey, Profile, RuntimeVersions, derive_profile, timing_cache_name
+from backends.gpu_options import GpuSettings
 from backends.onnx_model import model_interface, parse_model
-from backends.onnxruntime_gpu import GpuSettings, has_qdq, is_fp16_model, to_fp16
+from backends.precision import has_qdq, is_fp16_model, to_fp16
 
 INSTALL_HINT = "pip install tensorrt-cu13 on a machine that reaches NVIDIA's index"
 _LOG_KEEP = 2000

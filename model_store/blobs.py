@@ -134,8 +134,10 @@ class LocalBlobStore(BlobStore):
         if final.exists():
             os.unlink(tmp_name)
         else:
+            _crash_point("blob-temp-written")
             os.replace(tmp_name, final)
             _fsync_dir(final.parent)
+            _crash_point("blob-renamed")
         return digest
 
     def local_path(self, digest: str) -> Path:
@@ -165,6 +167,20 @@ class LocalBlobStore(BlobStore):
     def spool_dir(self) -> Path:
         """A directory on the same filesystem for callers that stage uploads."""
         return self._tmp
+
+
+#: Test-only crash points (tests/hardening/test_crash.py): ``SLIMSERVE_TEST_CRASH_POINT=blob-temp-written``
+#: (a temporary is complete and fsynced, not renamed) or ``blob-renamed`` (the blob is in place, no catalogue row
+#: names it yet) makes a write stop there, so that a SIGKILL lands at that exact point on every run. Read once
+#: at import; unset in production, where the check is one string comparison per blob write (uploads and jobs,
+#: never inference).
+_CRASH_POINT = os.environ.get("SLIMSERVE_TEST_CRASH_POINT", "")
+_CRASH_POINT_HOLD_S = 120.0
+
+
+def _crash_point(name: str) -> None:
+    if name == _CRASH_POINT:
+        time.sleep(_CRASH_POINT_HOLD_S)  # the test kills the process meanwhile; if it does not, carry on
 
 
 _HOST = socket.gethostname().replace("-", "_")

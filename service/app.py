@@ -108,8 +108,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _sync_loop(ctx: AppContext) -> None:
+    wake = ctx.loaded.wake  # set by a request that found the catalogue ahead of this process
     while True:
-        await asyncio.sleep(ctx.settings.sync_interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), ctx.settings.sync_interval_s)
+        wake.clear()
         try:
             await ctx.loaded.sync()
         except Exception:

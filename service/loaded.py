@@ -4,26 +4,38 @@ The catalogue holds the desired state (which versions exist, which are marked lo
 default variant); ``LoadedVariants.sync`` makes this process match it. Uploads install their freshly loaded
 backends directly; every other change (compression adding a variant, another replica's upload, the
 repository API) arrives through ``sync``, which the app runs at start and then every
-``sync_interval_s`` seconds when the catalogue's revision counter moves.
+``sync_interval_s`` seconds when the catalogue's revision counter moves, or at once when a request found
+the catalogue ahead of this process.
+
+A name the catalogue knows but this process has not loaded yet answers 503 "loading" with Retry-After;
+only a name the catalogue does not know answers 404 (``resolve``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from backends import Backend, BackendError, BackendOptions, TensorSpec, is_batchable, load_backend
-from model_store import ModelStore, VariantRecord, VersionRecord
-from service.errors import BadRequest, NotFound, Unavailable
+from backends import Backend, BackendError, BackendOptions, TensorSpec, WarmupTimeout, is_batchable, load_backend
+from backends.gpu_options import DEFAULT_WORKSPACE_BYTES
+from model_store import ModelRecord, ModelStore, VariantRecord, VersionRecord
+from service.errors import ApiError, BadRequest, NotFound, Unavailable
 from service.metrics import Metrics, VariantMetrics
 from service.model_config import ModelConfig
 from service.scheduler import Scheduler, SchedulerConfig, Stats
 from service.settings import Settings
+from service.warmup import WarmupConfigError, WarmupReport, first_calibration_sample, plan_warmup
 
 log = logging.getLogger(__name__)
+
+#: ONNX Runtime's and the allocators' words for an allocation that could not be met
+_OUT_OF_MEMORY = ("failed to allocate", "bad_alloc", "out of memory", "memoryerror")
 
 
 @dataclass
@@ -43,7 +55,13 @@ class ServedVariant:
     stats: Stats
     record: VariantRecord
     config: ModelConfig
+    warmup: WarmupReport
     backend_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def warmed(self) -> bool:
+        """Warmed at load, or since by its first request (a variant whose made-up warm-up failed)."""
+        return self.warmup.warmed or self.stats.execution_count > 0
 
 
 @dataclass
@@ -55,10 +73,32 @@ class ServedVersion:
 
 
 @dataclass
+class LoadedInstances:
+    """The backend instances of one variant, loaded and warmed up, not yet serving."""
+
+    instances: list[Backend]
+    seconds: float
+    warmup: WarmupReport
+
+    def unload(self) -> None:
+        for b in self.instances:
+            b.unload()
+
+
+@dataclass
 class LoadFailure:
     sha256: str
     reason: str
     backend: str = ""
+
+
+@dataclass(frozen=True)
+class KnownVersion:
+    """What the catalogue says about one version: enough to tell "loading" (503) from "unknown" (404)."""
+
+    loaded: bool
+    variants: frozenset[str]
+    default_variant: str | None
 
 
 class LoadedVariants:
@@ -73,40 +113,140 @@ class LoadedVariants:
         self._lock = asyncio.Lock()
         self._revision = -1
         self.synced_once = False
+        #: the catalogue's versions and variant names at ``_known_revision`` (recorded before loading them)
+        self._known: dict[tuple[str, int], KnownVersion] = {}
+        self._known_latest: dict[str, int] = {}
+        self._known_revision = -1
+        self._check_task: asyncio.Future[None] | None = None
+        self._checks_started = 0
+        self._checks_done = 0
+        #: models with an upload between its catalogue commit and its install: sync leaves their new versions
+        self._installing: dict[str, int] = {}
+        #: set when a request found the catalogue ahead of this process: the sync loop runs now
+        self.wake = asyncio.Event()
 
-    # -- lookups (event loop, no I/O) ---------------------------------------------------------------
+    # -- lookups (event loop) -----------------------------------------------------------------------
 
-    def resolve(self, name: str, version: str | None = None) -> ServedVariant:
-        """``name`` is a model name, or ``model:variant``; ``version`` a number, or None for the latest."""
+    async def resolve(self, name: str, version: str | None = None) -> ServedVariant:
+        """``name`` is a model name, or ``model:variant``; ``version`` a number, or None for the latest.
+
+        A loaded variant is two dict lookups. A miss is classified: known to the catalogue and desired
+        (still loading) is 503 with Retry-After; failed to load is 503 with the reason; unknown is 404.
+        When this process's view of the catalogue cannot tell, one catalogue check runs, shared by every
+        request that misses at the same time (``_check_catalogue``).
+        """
         model, _, variant = name.partition(":")
-        if version is not None:
+        number = _version_number(version)
+        served = self._lookup(model, number, variant)
+        if served is not None:
+            return served
+        unavailable = self._unavailable(model, number, variant)
+        if unavailable is None:
             try:
-                number = int(version)
-            except ValueError:
-                raise BadRequest(f"version must be an integer, not {version!r}") from None
-            sv = self._versions.get((model, number))
-            if sv is None:
-                raise self._missing(model, number)
-        else:
-            latest = self._latest.get(model)
-            if latest is None:
-                raise self._missing(model, None)
-            sv = self._versions[(model, latest)]
-        key = variant or sv.default_variant
-        served = sv.variants.get(key)
-        if served is None:
-            failure = self._failures.get((model, sv.number, key))
-            if failure:
-                raise Unavailable(f"variant {key!r} of {model} version {sv.number} failed to load: {failure.reason}")
-            raise NotFound(
-                f"model {model!r} version {sv.number} has no variant {key!r} "
-                f"(variants: {', '.join(sorted(sv.variants)) or 'none loaded'})"
-            )
-        return served
+                await self._check_catalogue()
+            except Exception as e:
+                log.warning("catalogue check for %r failed: %s", name, e)
+                raise Unavailable(f"cannot check the catalogue for {name!r} now", self._retry_after()) from None
+            served = self._lookup(model, number, variant)
+            if served is not None:
+                return served
+            unavailable = self._unavailable(model, number, variant)
+        if unavailable is not None:
+            raise unavailable
+        raise self._not_found(model, number, variant)
 
-    def _missing(self, model: str, number: int | None) -> NotFound:
-        what = f"model {model!r}" + (f" version {number}" if number is not None else "")
-        return NotFound(f"{what} is not loaded (unknown, unloaded or still loading)")
+    def _lookup(self, model: str, number: int | None, variant: str) -> ServedVariant | None:
+        if number is None:
+            number = self._latest.get(model)
+            if number is None:
+                return None
+        sv = self._versions.get((model, number))
+        if sv is None:
+            return None
+        return sv.variants.get(variant or sv.default_variant)
+
+    def _candidates(self, model: str, number: int | None) -> list[int]:
+        """The versions a request may mean: the one it names, else the latest known and the latest loaded."""
+        if number is not None:
+            return [number]
+        return sorted({n for n in (self._known_latest.get(model), self._latest.get(model)) if n is not None})[::-1]
+
+    def _unavailable(self, model: str, number: int | None, variant: str) -> ApiError | None:
+        """503 for a variant the catalogue wants served that is loading or failed to load; None otherwise."""
+        for n in self._candidates(model, number):
+            known = self._known.get((model, n))
+            served = self._versions.get((model, n))
+            key = variant or (served.default_variant if served else None) or (known.default_variant if known else None)
+            if not key:
+                continue
+            failure = self._failures.get((model, n, key))
+            if failure:
+                return Unavailable(f"variant {key!r} of {model} version {n} failed to load: {failure.reason}")
+            if known is not None and known.loaded and key in known.variants:
+                return Unavailable(
+                    f"variant {key!r} of {model} version {n} is loading; retry, or poll "
+                    f"GET /v2/models/{model}:{key}/versions/{n}/ready until it answers 200",
+                    self._retry_after(),
+                )
+        return None
+
+    def _not_found(self, model: str, number: int | None, variant: str) -> NotFound:
+        numbers = sorted(n for (m, n) in self._known if m == model)
+        if not numbers:
+            return NotFound(f"model {model!r} is unknown")
+        if number is not None and (model, number) not in self._known:
+            return NotFound(f"model {model!r} has no version {number} (versions: {numbers})")
+        n = number if number is not None else self._known_latest.get(model, max(numbers))
+        known = self._known[(model, n)]
+        if not known.loaded:
+            return NotFound(f"model {model!r} version {n} is unloaded (POST /v2/repository/models/{model}/load)")
+        return NotFound(
+            f"model {model!r} version {n} has no variant {variant!r} "
+            f"(variants: {', '.join(sorted(known.variants)) or 'none'})"
+        )
+
+    def _retry_after(self) -> float:
+        return max(1.0, self.settings.sync_interval_s)
+
+    async def _check_catalogue(self) -> None:
+        """Bring the known names up to the catalogue's revision.
+
+        Every caller waits for a check that started after it asked: one already running may have read the
+        catalogue before the change the caller is asking about (a job that just succeeded). Callers that miss
+        at the same time share a check, so a burst of misses costs one catalogue query at a time.
+        """
+        target = self._checks_started + 1
+        while self._checks_done < target:
+            if self._check_task is None:
+                self._checks_started += 1
+                self._check_task = asyncio.ensure_future(self._run_check())
+            await asyncio.shield(self._check_task)
+
+    async def _run_check(self) -> None:
+        try:
+            revision = await asyncio.to_thread(self.store.catalog.revision)
+            if revision != self._known_revision:
+                models = await asyncio.to_thread(self.store.catalog.list_models)
+                self._learn(models, revision)
+                self.wake.set()  # this process is behind the catalogue: sync now, not at the next tick
+        finally:
+            self._checks_done += 1
+            self._check_task = None
+
+    def _learn(self, models: list[ModelRecord], revision: int) -> None:
+        if revision < self._known_revision:
+            return  # an older read finished last: keep the newer one
+        self._known = {
+            (m.name, v.number): KnownVersion(v.loaded, frozenset(x.name for x in v.variants), v.default_variant)
+            for m in models
+            for v in m.versions
+        }
+        latest: dict[str, int] = {}
+        for (model, number), kv in self._known.items():
+            if kv.loaded and number > latest.get(model, 0):
+                latest[model] = number
+        self._known_latest = latest
+        self._known_revision = revision
 
     def versions_of(self, model: str) -> list[int]:
         return sorted(n for (m, n) in self._versions if m == model)
@@ -133,40 +273,87 @@ class LoadedVariants:
 
     # -- loading ------------------------------------------------------------------------------------
 
-    def build_instances(self, model_bytes: bytes, config: ModelConfig) -> list[Backend]:
-        """Create and warm up the backend instances for one variant (blocking: call off the loop)."""
-        instances = config.instances or self.settings.default_instances
-        threads = config.intra_op_threads or self.settings.threads_per_instance(instances)
-        opts = BackendOptions(
-            intra_op_threads=threads,
+    def backend_options(self, config: ModelConfig) -> BackendOptions:
+        """The options a variant's backends get: the model's typed tuning, then the server's own values, last,
+        so that nothing in a model's config overrides them (``model_config.SERVER_OWNED``)."""
+        s = self.settings
+        instances = config.instances or s.default_instances
+        tuning = config.backend_options.model_dump(exclude_none=True)
+        workspace = tuning.pop("workspace_bytes", DEFAULT_WORKSPACE_BYTES)
+        server = {
+            "max_batch_size": config.max_batch_size or s.default_max_batch_size,
+            "engine_cache_dir": str(s.data_dir.resolve() / "engines"),
+            "warmup_timeout_s": s.warmup_timeout_s,
+            "device_id": 0,
+            "workspace_bytes": min(workspace, s.max_workspace_bytes),
+        }
+        return BackendOptions(
+            intra_op_threads=config.intra_op_threads or s.threads_per_instance(instances),
             precision=config.precision,
-            extra={
-                "max_batch_size": config.max_batch_size or self.settings.default_max_batch_size,
-                "engine_cache_dir": str(self.settings.data_dir.resolve() / "engines"),
-                "warmup_timeout_s": self.settings.warmup_timeout_s,
-                **config.backend_options,
-            },
+            extra={**tuning, **server},
         )
+
+    def build_instances(
+        self,
+        model_bytes: bytes,
+        config: ModelConfig,
+        calibration: bytes | Path | None = None,
+        *,
+        strict: bool = False,
+    ) -> LoadedInstances:
+        """Create and warm up the backend instances for one variant (blocking: call off the loop).
+
+        ``calibration`` is the version's calibration .npz (its first sample is a warm-up sample). ``strict``
+        (uploads): a warm-up that fails on the user's own samples refuses the model; otherwise only a
+        warm-up past its deadline or out of memory does (``_warm``).
+        """
+        t0 = time.perf_counter()
+        opts = self.backend_options(config)
         out: list[Backend] = []
         try:
-            for _ in range(instances):
-                b = load_backend(config.backend, model_bytes, opts)
-                b.warmup(1)
-                out.append(b)
-        except BackendError:
+            for _ in range(config.instances or self.settings.default_instances):
+                out.append(load_backend(config.backend, model_bytes, opts))
+            report = self._warm(out, config, calibration, strict)
+        except BaseException:
             for b in out:
                 b.unload()
             raise
-        return out
+        return LoadedInstances(out, time.perf_counter() - t0, report)
+
+    def _warm(
+        self, instances: list[Backend], config: ModelConfig, calibration: bytes | Path | None, strict: bool
+    ) -> WarmupReport:
+        inputs = instances[0].inputs
+        sample = _calibration_sample(calibration, inputs) if calibration is not None else None
+        try:
+            plan = plan_warmup(inputs, config.warmup, sample)
+        except WarmupConfigError:
+            if strict:
+                raise
+            plan = plan_warmup(inputs, type(config.warmup)(), sample)  # checked at upload; a variant may differ
+        try:
+            for b in instances:
+                b.warmup(plan.feeds)
+        except WarmupTimeout:
+            raise
+        except BackendError as e:
+            if any(w in str(e).lower() for w in _OUT_OF_MEMORY):
+                raise
+            if strict and plan.all_samples:
+                raise BackendError(f"it fails on its warm-up samples ({plan.describe()}): {e}") from None
+            reason = f"warm-up on {plan.describe()} failed ({e}); the first request warms it"
+            log.info("%s", reason)
+            return WarmupReport(False, plan.describe(), reason)
+        return WarmupReport(True, plan.describe())
 
     def _serve(
         self,
         record: VersionRecord,
         variant: VariantRecord,
-        instances: list[Backend],
+        loaded: LoadedInstances,
         config: ModelConfig,
-        load_seconds: float,
     ) -> ServedVariant:
+        instances = loaded.instances
         b0 = instances[0]
         batchable = is_batchable(b0.inputs, b0.outputs)
         mbs = config.max_batch_size
@@ -176,7 +363,7 @@ class LoadedVariants:
             mbs = 0  # the model has no dynamic first dimension: nothing to batch along
         bcfg = config.batching
         vm = self.metrics.bind(record.model, record.number, variant.name, b0.name)
-        vm.load.observe(load_seconds)
+        vm.load.observe(loaded.seconds)
         vm.size.set(variant.size_bytes)
         # The original is the reference (0 by definition); other variants export only a measured delta.
         delta = (
@@ -216,22 +403,40 @@ class LoadedVariants:
             stats=stats,
             record=variant,
             config=config,
+            warmup=loaded.warmup,
             backend_info=b0.describe(),
         )
 
-    async def install(
-        self,
-        record: VersionRecord,
-        loaded: dict[str, tuple[list[Backend], float]],
-    ) -> None:
-        """Serve a version whose variants the caller loaded (an upload), without loading them again."""
+    @contextlib.asynccontextmanager
+    async def installing(self, model: str) -> AsyncIterator[None]:
+        """Held by an upload from before its catalogue commit until its install: ``sync`` leaves the model's
+        new versions to the upload instead of loading them a second time."""
+        self._installing[model] = self._installing.get(model, 0) + 1
+        try:
+            yield
+        finally:
+            self._installing[model] -= 1
+            if not self._installing[model]:
+                del self._installing[model]
+
+    async def install(self, record: VersionRecord, loaded: dict[str, LoadedInstances]) -> None:
+        """Serve a version whose variants the caller loaded (an upload), without loading them again.
+
+        A variant that this process already serves with the same artifact (a sync got there first) is kept,
+        and the caller's copy is unloaded: replacing it would drop the live variant's metric series.
+        """
         async with self._lock:
             config = ModelConfig.model_validate(record.config or {})
-            variants = {}
+            current = self._versions.get((record.model, record.number))
+            variants = dict(current.variants) if current else {}
             for v in record.variants:
-                if v.name in loaded:
-                    instances, secs = loaded[v.name]
-                    variants[v.name] = self._serve(record, v, instances, config, secs)
+                if v.name not in loaded:
+                    continue
+                have = variants.get(v.name)
+                if have is not None and have.record.runnable_sha256 == v.runnable_sha256:
+                    loaded[v.name].unload()
+                    continue
+                variants[v.name] = self._serve(record, v, loaded[v.name], config)
             self._put(record, variants)
 
     def _put(self, record: VersionRecord, variants: dict[str, ServedVariant]) -> None:
@@ -246,16 +451,26 @@ class LoadedVariants:
                     self._retire(sv)
 
     def _retire(self, sv: ServedVariant) -> None:
-        sv.metrics.ready.set(0)
-        self.metrics.forget(sv.metrics)
+        # Series are keyed by labels (model, version, variant, backend): a replacement with the same labels
+        # shares them, so they are dropped only when no live variant uses them.
+        live = {x.metrics.labels for ver in self._versions.values() for x in ver.variants.values()}
+        if sv.metrics.labels not in live:
+            sv.metrics.ready.set(0)
+            self.metrics.forget(sv.metrics)
         # Stop in a thread: joining workers that are finishing a batch must not block the loop.
         asyncio.get_running_loop().run_in_executor(None, sv.scheduler.stop)
 
-    def _load_variant_blocking(self, variant: VariantRecord, config: ModelConfig) -> tuple[list[Backend], float]:
-        t0 = time.perf_counter()
+    def _load_variant_blocking(
+        self, variant: VariantRecord, config: ModelConfig, calibration: str | None
+    ) -> LoadedInstances:
         data = self.store.blobs.get_bytes(variant.runnable_sha256)
-        instances = self.build_instances(data, config)
-        return instances, time.perf_counter() - t0
+        samples = None
+        if calibration is not None:
+            try:
+                samples = self.store.blobs.local_path(calibration)
+            except Exception as e:  # warm-up then uses made-up inputs; the variant still loads
+                log.warning("calibration blob %s unreadable for warm-up: %s", calibration, e)
+        return self.build_instances(data, config, samples)
 
     async def sync(self, force: bool = False) -> None:
         """Make the loaded set match the catalogue's desired state."""
@@ -264,17 +479,23 @@ class LoadedVariants:
             if revision == self._revision and not force:
                 return
             models = await asyncio.to_thread(self.store.catalog.list_models)
+            self._learn(models, revision)  # before loading: what is about to load answers 503, not 404
             desired = {(m.name, v.number): v for m in models for v in m.versions if v.loaded}
             for key in [k for k in self._versions if k not in desired]:
                 for sv in self._versions.pop(key).variants.values():
                     self._retire(sv)
                 self._index()
-            for record in desired.values():
+            deferred = False
+            for key, record in desired.items():
+                if record.model in self._installing and key not in self._versions:
+                    deferred = True  # its upload installs it; if that fails, the next sync loads it
+                    continue
                 await self._sync_version(record)
             for k in [k for k in self._failures if (k[0], k[1]) not in desired]:
                 f = self._failures.pop(k)
                 self.metrics.forget_failed(k[0], k[1], k[2], f.backend)
-            self._revision = revision
+            if not deferred:
+                self._revision = revision
             self.synced_once = True
 
     async def _sync_version(self, record: VersionRecord) -> None:
@@ -298,7 +519,7 @@ class LoadedVariants:
             if failed and failed.sha256 == v.runnable_sha256:
                 continue  # it failed before and has not changed: don't retry on every sync
             try:
-                instances, secs = await asyncio.to_thread(self._load_variant_blocking, v, config)
+                loaded = await asyncio.to_thread(self._load_variant_blocking, v, config, record.calibration_sha256)
             except Exception as e:  # a broken artifact must not stop the others from loading
                 log.error("could not load %s:%s version %s: %s", record.model, v.name, record.number, e)
                 self._failures[fkey] = LoadFailure(v.runnable_sha256, str(e)[:500], config.backend)
@@ -306,7 +527,7 @@ class LoadedVariants:
                 continue
             if fkey in self._failures:
                 self.metrics.forget_failed(record.model, record.number, v.name, self._failures.pop(fkey).backend)
-            variants[v.name] = self._serve(record, v, instances, config, secs)
+            variants[v.name] = self._serve(record, v, loaded, config)
         if variants or current:
             self._put(record, variants)
 
@@ -317,3 +538,20 @@ class LoadedVariants:
             self._latest.clear()
         for s in scheds:
             await asyncio.to_thread(s.stop)
+
+
+def _version_number(version: str | None) -> int | None:
+    if version is None:
+        return None
+    try:
+        return int(version)
+    except ValueError:
+        raise BadRequest(f"version must be an integer, not {version!r}") from None
+
+
+def _calibration_sample(source: bytes | Path, inputs: list[TensorSpec]) -> dict[str, Any] | None:
+    try:
+        return first_calibration_sample(source, inputs)
+    except Exception as e:  # checked at upload; an unreadable one only costs the warm-up its real samples
+        log.warning("calibration data unreadable for warm-up: %s", e)
+        return None

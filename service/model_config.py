@@ -1,10 +1,29 @@
-"""Per-version serving configuration, given as the upload's ``config`` JSON field."""
+"""Per-version serving configuration, given as the upload's ``config`` JSON field.
+
+A model's config tunes how its own variants are served; it never moves a server limit. The backend options a
+model may set are typed (``BackendTuning``); the ones the server owns (``SERVER_OWNED``) are refused with the
+setting that owns them, and ``LoadedVariants.backend_options`` applies the server's values last.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+#: backend option -> who sets it instead of the model's config
+SERVER_OWNED = {
+    "warmup_timeout_s": "the server setting SLIMSERVE_WARMUP_TIMEOUT_S (the warm-up deadline that stops endless loops)",
+    "engine_cache_dir": "the server (engines are cached under SLIMSERVE_DATA_DIR/engines)",
+    "max_batch_size": "the top-level config field max_batch_size",
+    "device_id": "the deployment (CUDA_VISIBLE_DEVICES or the GPU pool; each process serves on its device 0)",
+}
+#: elements of one made-up warm-up tensor (`fill` with a `shape`): 64 MiB of FP32
+MAX_WARMUP_ELEMENTS = 1 << 24
+#: elements of explicit warm-up `data`, all inputs together (shapes, sizes, token ids: small by nature)
+MAX_WARMUP_DATA_ELEMENTS = 1 << 16
 
 
 class BatchingConfig(BaseModel):
@@ -29,6 +48,110 @@ class BatchingConfig(BaseModel):
         return sorted(set(v))
 
 
+class ShapeRange(BaseModel):
+    """One input's TensorRT optimization profile (``engines.derive_profile`` checks it against the model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: list[int] = Field(max_length=16)
+    opt: list[int] = Field(max_length=16)
+    max: list[int] = Field(max_length=16)
+
+
+class BackendTuning(BaseModel):
+    """The per-model GPU knobs (docs/gpu.md) that ``backends.gpu_options.GpuSettings`` and native TensorRT read.
+
+    Unset fields take the backend's default. Everything else a backend reads is the server's.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: the TensorRT profile's opt batch (what TensorRT tunes for); default: max_batch_size
+    opt_batch_size: int | None = Field(None, ge=1, le=65_536)
+    #: min/opt/max shapes per input, required for dynamic dimensions other than the batch
+    shape_overrides: dict[str, ShapeRange] | None = Field(None, max_length=64)
+    #: the variant is 2:4 structured-sparse: let TensorRT use sparse tensor cores
+    sparse: bool | None = None
+    #: TensorRT builder optimization level (its default is 3)
+    builder_optimization_level: int | None = Field(None, ge=0, le=5)
+    #: CUDA graphs on the CUDA EP: true forces them (refused if impossible), false disables, unset: when possible
+    cuda_graph: bool | None = None
+    #: refuse sessions where single nodes were placed on the CPU
+    disallow_cpu_nodes: bool | None = None
+    #: TensorRT builder workspace; at most SLIMSERVE_MAX_WORKSPACE_BYTES (checked at upload, capped at load)
+    workspace_bytes: int | None = Field(None, ge=1 << 20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_server_owned(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key in SERVER_OWNED:
+                    raise PydanticCustomError(
+                        "server_owned",
+                        "{key} is a server setting, not a model's: it is set by {owner}",
+                        {"key": key, "owner": SERVER_OWNED[key]},
+                    )
+        return data
+
+    @field_validator("workspace_bytes")
+    @classmethod
+    def _within_server_cap(cls, v: int | None, info: ValidationInfo) -> int | None:
+        cap = (info.context or {}).get("max_workspace_bytes")
+        if v is not None and cap is not None and v > cap:
+            raise PydanticCustomError(
+                "server_limit",
+                "workspace_bytes {value} is over the server's cap SLIMSERVE_MAX_WORKSPACE_BYTES = {cap}",
+                {"value": v, "cap": cap},
+            )
+        return v
+
+
+class WarmupInput(BaseModel):
+    """What one input gets at warm-up: explicit ``data`` (a real sample), or made-up values (``fill``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: the tensor exactly as one request would send it, as nested lists (the nesting gives the shape), or flat
+    #: with ``shape``
+    data: list[Any] | bool | int | float | None = None
+    #: a concrete shape: for flat ``data``, or for ``fill`` where the input has dynamic dimensions (default: 1)
+    shape: list[int] | None = Field(None, max_length=16)
+    #: made-up values when no data are given: zeros, or random (floats in [0, 1), integers in [0, 16))
+    fill: Literal["zero", "random"] = "zero"
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if any(d < 0 for d in v):
+                raise ValueError("warm-up shapes must be concrete (every dimension >= 0)")
+            if math.prod(v) > MAX_WARMUP_ELEMENTS:
+                raise ValueError(f"a warm-up tensor may hold at most {MAX_WARMUP_ELEMENTS} elements")
+        return v
+
+
+class WarmupConfig(BaseModel):
+    """Warm-up samples, the way Triton's ``model_warmup`` gives them. Inputs not named here take the first
+    calibration sample when the version has calibration data, else zeros."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: dict[str, WarmupInput] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("inputs")
+    @classmethod
+    def _small(cls, v: dict[str, WarmupInput]) -> dict[str, WarmupInput]:
+        total = sum(_count(i.data) for i in v.values() if i.data is not None)
+        if total > MAX_WARMUP_DATA_ELEMENTS:
+            raise ValueError(f"explicit warm-up data may hold at most {MAX_WARMUP_DATA_ELEMENTS} values in all")
+        return v
+
+
+def _count(data: Any) -> int:
+    return sum(_count(x) for x in data) if isinstance(data, list) else 1
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -42,8 +165,10 @@ class ModelConfig(BaseModel):
     backend: str = Field("onnxruntime-cpu", pattern=r"^(onnxruntime-(cpu|cuda|tensorrt)|tensorrt)$")
     #: precision for GPU backends (fp16 converts the model; int8 needs a QDQ variant)
     precision: str = Field("fp32", pattern=r"^(fp32|fp16|int8)$")
-    #: backend-specific options (docs/gpu.md), passed through to the backend
-    backend_options: dict[str, Any] = Field(default_factory=dict, max_length=32)
+    #: per-model GPU knobs (docs/gpu.md); server-owned options are refused
+    backend_options: BackendTuning = Field(default_factory=BackendTuning)
+    #: warm-up samples per input (README: warm-up)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     #: the variant that the plain model name serves; pins it against the automatic policy
     default_variant: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")

@@ -22,10 +22,11 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=1, le=65535)
     #: on SIGTERM, how long in-flight requests may take to finish
     shutdown_timeout_s: float = Field(30.0, ge=0)
+    #: the local store: catalog.db (SQLite), blobs/ and engines/ (TensorRT engine cache)
     data_dir: Path = Path("./data")
     #: SQLAlchemy URL; default: SQLite inside data_dir. PostgreSQL: postgresql+psycopg://user@host/db
     database_url: str | None = None
-    #: where blobs live: a local directory by default
+    #: the local blob directory (default: data_dir/blobs); with S3, the local read cache
     blob_dir: Path | None = None
 
     #: S3-compatible object storage for blobs (blob_dir then only caches reads)
@@ -48,19 +49,24 @@ class Settings(BaseSettings):
     #: compression jobs queued or running at once; more are refused with 429
     max_pending_jobs: int = Field(16, ge=1)
 
-    #: defaults for models whose upload config does not say
+    #: defaults for models whose upload config does not say (a config may not exceed the server's limits)
     default_max_batch_size: int = Field(32, ge=0)
     default_instances: int = Field(1, ge=1, le=64)
     default_max_queue_size: int = Field(1024, ge=1)
-    #: a model whose warm-up inference takes longer is refused (endless loops, absurd graphs)
+    #: a model whose warm-up inference takes longer is refused (endless loops, compute bombs)
     warmup_timeout_s: float = Field(60.0, gt=0)
-    #: ONNX Runtime intra-op threads per instance (0: runtime default, all cores)
+    #: ONNX Runtime intra-op threads per instance (0: the usable cores divided by the instances)
     intra_op_threads: int = Field(0, ge=0)
+    #: the most TensorRT builder workspace a model's config may ask for (backend_options.workspace_bytes)
+    max_workspace_bytes: int = Field(4 << 30, ge=1 << 20)
 
-    #: how often (seconds) a replica polls the catalogue for versions added elsewhere
+    #: how often (seconds) a replica polls the catalogue for changes made elsewhere (versions, variants, load
+    #: state); a request that finds the catalogue ahead wakes the sync at once. Also a loading variant's Retry-After
     sync_interval_s: float = Field(2.0, gt=0)
-    #: orphan blobs younger than this are left alone by the collector
+    #: orphan blobs younger than this are left alone by the collector (and by the startup check): the grace
+    #: protects an upload whose blob is written but whose catalogue row is not committed yet
     gc_grace_s: float = Field(300.0, ge=0)
+    #: uvicorn's log level
     log_level: str = "info"
 
     #: job worker processes the server starts itself (0: run `slimserve worker` separately)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import io
 import math
-import time
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
-from backends import Backend, BackendError, TensorSpec
+from backends import BackendError, TensorSpec
 from backends.datatypes import numpy_dtype
 from backends.onnx_model import InvalidModel, ModelInfo, load_and_inspect
-from service.errors import BadRequest
-from service.loaded import LoadedVariants
+from service.errors import BadRequest, Unprocessable
+from service.loaded import LoadedInstances, LoadedVariants
 from service.model_config import ModelConfig
+from service.warmup import WarmupConfigError
 
 MAX_CALIBRATION_ARRAYS = 64
 MAX_CALIBRATION_BYTES = 1 << 30  # all arrays together, decompressed
@@ -24,8 +24,7 @@ MAX_CALIBRATION_BYTES = 1 << 30  # all arrays together, decompressed
 @dataclass
 class PreparedUpload:
     info: ModelInfo
-    instances: list[Backend]
-    load_seconds: float
+    loaded: LoadedInstances
     calibration_samples: int | None
 
 
@@ -119,11 +118,12 @@ def prepare_upload(
     except InvalidModel as e:
         raise BadRequest(str(e)) from None
     samples = check_calibration(calibration, info.inputs) if calibration is not None else None
-    t0 = time.perf_counter()
     try:
-        instances = loaded.build_instances(model_bytes, config)
+        instances = loaded.build_instances(model_bytes, config, calibration, strict=True)
+    except WarmupConfigError as e:
+        raise Unprocessable(f"config: {e}") from None
     except BackendError as e:
         raise BadRequest(f"the model does not load or run: {e}") from None
     except (MemoryError, ValueError) as e:
         raise BadRequest(f"the model does not load or run: {type(e).__name__}: {e}") from None
-    return PreparedUpload(info, instances, time.perf_counter() - t0, samples)
+    return PreparedUpload(info, instances, samples)

@@ -22,6 +22,11 @@ def variant_view(v: VariantRecord, version: VersionRecord, loaded: LoadedVariant
         "details": v.details,
         "created_at": v.created_at.isoformat(),
     }
+    if served:
+        out["warmed"] = served.warmed
+        out["warmup"] = served.warmup.inputs
+        if not served.warmed and served.warmup.reason:
+            out["warmup_error"] = served.warmup.reason
     if failure:
         out["error"] = failure
     return out

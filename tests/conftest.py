@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +78,14 @@ class Server:
 ServerFactory = Callable[..., Server]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that starts a server (through ``server_factory``) ``server``: the fast tier
+    (``make test-fast``) is everything else."""
+    for item in items:
+        if "server_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
 @pytest.fixture(scope="session")
 def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
     started: list[Server] = []
@@ -121,7 +132,9 @@ def upload(
     return client.post("/v1/models", data=data, files=files)
 
 
-def postgres_available() -> bool:
+@functools.cache
+def _postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used here (None: it can), asked once per test session."""
     try:
         import psycopg  # noqa: F401
         from sqlalchemy import create_engine, text
@@ -130,6 +143,39 @@ def postgres_available() -> bool:
         with eng.connect() as c:
             c.execute(text("select 1"))
         eng.dispose()
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as e:
+        return f"PostgreSQL is not reachable at {POSTGRES_URL}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str = "slimserve_test") -> Iterator[str]:
+    """A uniquely named PostgreSQL database (helpers and parallel runs share the server), dropped afterwards.
+
+    Skips the calling test, with the reason, where PostgreSQL is absent. Tests use the ``postgres_url``
+    fixture; module-scoped fixtures use this directly.
+    """
+    problem = _postgres_problem()
+    if problem:
+        pytest.skip(problem)
+    from sqlalchemy import create_engine, text
+
+    db = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f"CREATE DATABASE {db}"))
+        try:
+            yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{db}"
+        finally:
+            with admin.connect() as c:
+                c.execute(text(f"DROP DATABASE {db} WITH (FORCE)"))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The URL of a fresh PostgreSQL database for this test (skipped where PostgreSQL is absent)."""
+    with fresh_postgres_database() as url:
+        yield url

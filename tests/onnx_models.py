@@ -124,3 +124,52 @@ def dynamic_identity() -> bytes:
         [two],
     )
     return _model(graph)
+
+
+# -- models whose inputs are shapes or sizes: they run on real values and refuse zeros ----------------------
+
+
+def expand_by_input() -> bytes:
+    """y = Expand(x[N, 3], shape): the target shape is an input (``shape=[2, 3]`` broadcasts one row twice)."""
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])],
+        "expand_by_input",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["A", "B"])],
+    )
+    return _model(graph)
+
+
+def reshape_by_input() -> bytes:
+    """y = Reshape(x[N, 6], shape[3]): the target shape is an input (zeros ask for a dimension x lacks)."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape_by_input",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["A", "B", "C"])],
+    )
+    return _model(graph)
+
+
+def split_by_sizes() -> bytes:
+    """y = SplitToSequence(x[N, 6], split[2], axis=1)[0]: the split sizes are an input and must sum to 6."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("SplitToSequence", ["x", "split"], ["parts"], axis=1),
+            helper.make_node("SequenceAt", ["parts", "zero"], ["y"]),
+        ],
+        "split_by_sizes",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6]),
+            helper.make_tensor_value_info("split", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "K"])],
+        [numpy_helper.from_array(np.array(0, np.int64), "zero")],
+    )
+    return _model(graph)

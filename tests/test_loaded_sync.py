@@ -7,6 +7,7 @@ import time
 
 from model_store import Catalog, LocalBlobStore, NewVariant
 from tests.conftest import Server, ServerFactory, upload
+from tests.hardening.helpers import infer_body, slow_model
 from tests.onnx_models import mlp
 
 
@@ -56,3 +57,36 @@ def test_variants_added_elsewhere_are_synced_and_failures_reported(server_factor
     assert value("slimserve_variant_accuracy_delta", "alt") == "-0.02"
     assert value("slimserve_variant_accuracy_delta", "original") == "0.0"  # the reference itself
     assert value("slimserve_variant_accuracy_delta", "unmeasured") is None  # never measured: no series
+
+
+def test_a_variant_that_is_loading_answers_503_never_404(server_factory: ServerFactory) -> None:
+    """The window after a job succeeds: its variant is in the catalogue, this replica has not loaded it yet.
+    Requests in that window get 503 with Retry-After ("loading"), never 404; then 200. A name the catalogue
+    does not know stays 404. The variant here warms up for about 0.2 s, so the window is never empty."""
+    s = server_factory(SLIMSERVE_SYNC_INTERVAL_S="30")  # only a request's catalogue check wakes the sync early
+    with s.client() as c:
+        assert upload(c, "win", mlp()).status_code == 201
+    blobs, catalog = _store(s)
+    slow = slow_model(tokens=4096, depth=64)  # x[N, 256] -> y[N, 256], about 0.2 s per inference
+    catalog.add_variant("win", 1, NewVariant("slow", "pruned", blobs.put_bytes(slow), len(slow)))
+    catalog.close()
+    body = infer_body(dim=256)
+    seen: list[int] = []
+    with s.client() as c:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = c.post("/v2/models/win:slow/infer", json=body)
+            seen.append(r.status_code)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503, r.text
+            assert "is loading" in r.json()["error"] and r.headers["Retry-After"] == "30", r.headers
+            ready = c.get("/v2/models/win:slow/ready")
+            assert ready.status_code in (200, 503), ready.text
+            time.sleep(0.02)
+        assert seen[0] == 503 and seen[-1] == 200, seen
+        assert c.get("/v2/models/win:slow/ready").status_code == 200
+        assert c.get("/v2/models/win:slow/versions/1/ready").status_code == 200
+        r = c.post("/v2/models/win:nope/infer", json=body)
+        assert r.status_code == 404 and "has no variant 'nope'" in r.json()["error"], r.text
+        assert c.post("/v2/models/never-uploaded/infer", json=body).status_code == 404

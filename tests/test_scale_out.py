@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import POSTGRES_URL, ServerFactory, free_port, postgres_available, upload
+from tests.conftest import ServerFactory, free_port, upload
 from tests.onnx_models import mlp
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -44,22 +44,6 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return name
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
-    from sqlalchemy import create_engine, text
-
-    db = f"slimserve_scale_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f"CREATE DATABASE {db}"))
-    yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{db}"
-    with admin.connect() as c:
-        c.execute(text(f"DROP DATABASE {db} WITH (FORCE)"))
-    admin.dispose()
-
-
 def test_s3_blob_store_roundtrip(s3_endpoint: str, bucket: str, tmp_path: Path) -> None:
     from model_store.blobs import BlobNotFound, sha256_bytes
     from model_store.s3 import S3BlobStore
@@ -80,10 +64,10 @@ def test_s3_blob_store_roundtrip(s3_endpoint: str, bucket: str, tmp_path: Path) 
 
 
 @pytest.fixture
-def shared_env(s3_endpoint: str, bucket: str, pg_url: str) -> dict[str, str]:
+def shared_env(s3_endpoint: str, bucket: str, postgres_url: str) -> dict[str, str]:
     """What every replica and worker of one deployment shares: the PostgreSQL catalogue and the bucket."""
     return {
-        "SLIMSERVE_DATABASE_URL": pg_url,
+        "SLIMSERVE_DATABASE_URL": postgres_url,
         "SLIMSERVE_S3_BUCKET": bucket,
         "SLIMSERVE_S3_ENDPOINT_URL": s3_endpoint,
         **AWS_ENV,
@@ -128,7 +112,7 @@ def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 @pytest.mark.slow
 def test_two_servers_two_workers_one_killed_mid_job(
-    server_factory: ServerFactory, shared_env: dict[str, str], pg_url: str, tmp_path: Path
+    server_factory: ServerFactory, shared_env: dict[str, str], postgres_url: str, tmp_path: Path
 ) -> None:
     env = {**shared_env, "SLIMSERVE_JOB_LEASE_S": "3"}
     a = server_factory(data_dir=tmp_path / "a", **env)
@@ -143,7 +127,7 @@ def test_two_servers_two_workers_one_killed_mid_job(
             r = cb.post("/v1/models/big/versions/1/compress", json={"encode": {"bits": 5}, "latency_runs": 1000})
             assert r.status_code == 202, r.text
             job_id = r.json()["id"]
-            owner = _wait_for_owner(pg_url, job_id)
+            owner = _wait_for_owner(postgres_url, job_id)
             victim = next(w for w in workers if f":{w.pid}:" in owner)
             victim.kill()
             victim.wait()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from model_store import Catalog, JobQueue, LocalBlobStore, ModelStore, NewVariant, RecordNotFound, sha256_bytes
-from tests.conftest import POSTGRES_URL, postgres_available
 
 
 def test_blob_roundtrip_and_content_address(tmp_path: Path) -> None:
@@ -58,25 +56,12 @@ def test_collect_removes_only_old_orphans(tmp_path: Path) -> None:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalog]:
-    if request.param == "sqlite":
-        c = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-        yield c
-        c.close()
-        return
-    if not postgres_available():
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
-    from sqlalchemy import create_engine, text
-
-    db = f"slimserve_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {db}"))
-    c = Catalog(POSTGRES_URL.rsplit("/", 1)[0] + f"/{db}")
+    url = (
+        f"sqlite:///{tmp_path / 'catalog.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    )
+    c = Catalog(url)
     yield c
     c.close()
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {db} WITH (FORCE)"))
-    admin.dispose()
 
 
 def _variant(i: int = 0) -> NewVariant:

@@ -70,7 +70,7 @@ async def upload_model(request: Request) -> dict[str, Any]:
         model_file = form_data.get("model")
         if not isinstance(model_file, UploadFile):
             raise BadRequest("missing file field 'model' (the .onnx file)")
-        config = _parse_config(form_data.get("config"))
+        config = _parse_config(form_data.get("config"), ctx.settings.max_workspace_bytes)
         model_bytes = await model_file.read()
         calibration = form_data.get("calibration")
         if calibration is not None and not isinstance(calibration, UploadFile):
@@ -104,7 +104,7 @@ async def read_form(request: Request, limit: int) -> Any:
     return await limited.form(max_files=2, max_fields=4, max_part_size=MAX_FIELD_BYTES)
 
 
-def _parse_config(raw: Any) -> ModelConfig:
+def _parse_config(raw: Any, max_workspace_bytes: int) -> ModelConfig:
     if raw is None or raw == "":
         return ModelConfig()
     if not isinstance(raw, str):
@@ -114,7 +114,7 @@ def _parse_config(raw: Any) -> ModelConfig:
     except orjson.JSONDecodeError as e:
         raise BadRequest(f"'config' is not valid JSON: {e}") from None
     try:
-        config = ModelConfig.model_validate(data)
+        config = ModelConfig.model_validate(data, context={"max_workspace_bytes": max_workspace_bytes})
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
@@ -146,20 +146,21 @@ async def _create_version(
             "calibration_samples": prepared.calibration_samples,
         }
         original = NewVariant("original", "original", sha, len(model_bytes), details=details)
-        record = await asyncio.to_thread(
-            ctx.store.catalog.create_version,
-            name,
-            [original],
-            config.model_dump(exclude_none=True, exclude_defaults=True),
-            "original",
-            cal_sha,
-            pinned_default=config.default_variant is not None,
-        )
-    except BaseException:
-        for b in prepared.instances:
-            b.unload()
+        # From the commit to the install, the periodic sync leaves this model's new version to us.
+        async with ctx.loaded.installing(name):
+            record = await asyncio.to_thread(
+                ctx.store.catalog.create_version,
+                name,
+                [original],
+                config.model_dump(exclude_none=True, exclude_defaults=True),
+                "original",
+                cal_sha,
+                pinned_default=config.default_variant is not None,
+            )
+            await ctx.loaded.install(record, {"original": prepared.loaded})
+    except BaseException:  # install takes the instances over atomically; anything before it leaves them here
+        prepared.loaded.unload()
         raise
-    await ctx.loaded.install(record, {"original": (prepared.instances, prepared.load_seconds)})
     model = await asyncio.to_thread(ctx.store.catalog.get_model, name)
     view = model_view(model, ctx.loaded)
     view["version"] = record.number

@@ -60,7 +60,7 @@ _INFER_BODY = {
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     t0 = time.perf_counter_ns()
     ctx = ctx_of(request)
-    sv = ctx.loaded.resolve(model_name, model_version)
+    sv = await ctx.loaded.resolve(model_name, model_version)
     limit = ctx.settings.max_infer_body_bytes
     m = sv.metrics
     m.inflight.inc()
@@ -132,24 +132,24 @@ async def all_stats(request: Request) -> dict[str, Any]:
     return {"model_stats": out}
 
 
-@router.get("/v2/models/{model_name}/stats", responses=errors(400, 401, 404))
-@router.get("/v2/models/{model_name}/versions/{model_version}/stats", responses=errors(400, 401, 404))
+@router.get("/v2/models/{model_name}/stats", responses=errors(400, 401, 404, 503))
+@router.get("/v2/models/{model_name}/versions/{model_version}/stats", responses=errors(400, 401, 404, 503))
 async def model_stats(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    sv = ctx_of(request).loaded.resolve(model_name, model_version)
+    sv = await ctx_of(request).loaded.resolve(model_name, model_version)
     return {"model_stats": [_stats_entry(sv, model_name)]}
 
 
 @router.get("/v2/models/{model_name}/ready", responses=errors(400, 401, 404, 503))
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=errors(400, 401, 404, 503))
 async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    sv = ctx_of(request).loaded.resolve(model_name, model_version)
+    sv = await ctx_of(request).loaded.resolve(model_name, model_version)
     return {"name": model_name, "version": str(sv.version), "ready": True}
 
 
-@router.get("/v2/models/{model_name}/config", responses=errors(400, 401, 404))
-@router.get("/v2/models/{model_name}/versions/{model_version}/config", responses=errors(400, 401, 404))
+@router.get("/v2/models/{model_name}/config", responses=errors(400, 401, 404, 503))
+@router.get("/v2/models/{model_name}/versions/{model_version}/config", responses=errors(400, 401, 404, 503))
 async def model_config(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    sv = ctx_of(request).loaded.resolve(model_name, model_version)
+    sv = await ctx_of(request).loaded.resolve(model_name, model_version)
     return triton_config(sv, model_name)
 
 
@@ -187,11 +187,11 @@ def triton_config(sv: ServedVariant, name: str) -> dict[str, Any]:
     return out
 
 
-@router.get("/v2/models/{model_name}", responses=errors(400, 401, 404))
-@router.get("/v2/models/{model_name}/versions/{model_version}", responses=errors(400, 401, 404))
+@router.get("/v2/models/{model_name}", responses=errors(400, 401, 404, 503))
+@router.get("/v2/models/{model_name}/versions/{model_version}", responses=errors(400, 401, 404, 503))
 async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
     reg = ctx_of(request).loaded
-    sv = reg.resolve(model_name, model_version)
+    sv = await reg.resolve(model_name, model_version)
     return {
         "name": model_name,
         "versions": [str(v) for v in reg.versions_of(sv.model)],

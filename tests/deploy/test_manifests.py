@@ -161,6 +161,7 @@ def test_helm_lint_strict() -> None:
         assert problems == [], problems
 
 
+@pytest.mark.slow  # checkov scans the rendered chart: 4-7 s
 def test_checkov(tmp_path: Path) -> None:
     checkov = require(
         "checkov", "/opt/checkov/bin/checkov", os.environ.get("SLIMSERVE_CHECKOV"), install=CHECKOV_INSTALL
@@ -200,6 +201,7 @@ def test_checkov(tmp_path: Path) -> None:
     assert all("worker" in res for _, res in skipped)
 
 
+@pytest.mark.slow
 def test_checkov_catches_a_privileged_pod(tmp_path: Path) -> None:
     """Control: the checkov run fails a Deployment that runs privileged as root."""
     checkov = require(

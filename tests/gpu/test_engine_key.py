@@ -21,7 +21,10 @@ from backends import gpu as gpuinfo
 from backends import onnxruntime_gpu as og
 from backends.base import InvalidInput, TensorSpec
 from backends.engines import EngineKey, RuntimeVersions, derive_profile, timing_cache_name, validate_profile
+from backends.gpu_options import GpuSettings, cuda_provider_options, profile_option_strings, tensorrt_provider_options
 from backends.onnxruntime_backend import OnnxRuntimeBackend
+from backends.ort_providers import check_providers
+from backends.precision import has_qdq, is_fp16_model, to_fp16
 from tests.gpu import dynamic_seq_model, elem_types, load, qdq_linear, static_mlp
 from tests.onnx_models import mlp, mlp_reference
 
@@ -350,23 +353,23 @@ def test_batch_bounds() -> None:
 
 def test_profile_option_strings() -> None:
     p = derive_profile([X, IMG], 16, opt_batch_size=4)
-    lo, opt, hi = og.profile_option_strings(p)
+    lo, opt, hi = profile_option_strings(p)
     assert lo == "img:1x3x224x224,x:1x4"
     assert opt == "img:4x3x224x224,x:4x4"
     assert hi == "img:16x3x224x224,x:16x4"
     with pytest.raises(BackendError, match="cannot be written"):
-        og.profile_option_strings({"a:b": {"min": [1], "opt": [1], "max": [1]}})
+        profile_option_strings({"a:b": {"min": [1], "opt": [1], "max": [1]}})
 
 
 def test_cuda_provider_options() -> None:
-    assert og.cuda_provider_options(1, False) == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}
-    assert og.cuda_provider_options(0, True)["enable_cuda_graph"] == "1"
+    assert cuda_provider_options(1, False) == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    assert cuda_provider_options(0, True)["enable_cuda_graph"] == "1"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_tensorrt_provider_options(precision: str, tmp_path: Any) -> None:
-    s = og.GpuSettings(device_id=0, sparse=True, workspace_bytes=1 << 31, builder_optimization_level=4)
-    opts = og.tensorrt_provider_options(s, precision, PROFILE, tmp_path / "e", tmp_path / "t")
+    s = GpuSettings(device_id=0, sparse=True, workspace_bytes=1 << 31, builder_optimization_level=4)
+    opts = tensorrt_provider_options(s, precision, PROFILE, tmp_path / "e", tmp_path / "t")
     assert opts["trt_engine_cache_enable"] is True and opts["trt_engine_cache_path"] == str(tmp_path / "e")
     assert opts["trt_timing_cache_enable"] is True and opts["trt_timing_cache_path"] == str(tmp_path / "t")
     assert opts["trt_fp16_enable"] is (precision == "fp16")
@@ -375,7 +378,7 @@ def test_tensorrt_provider_options(precision: str, tmp_path: Any) -> None:
     assert opts["trt_sparsity_enable"] is True
     assert opts["trt_max_workspace_size"] == 1 << 31 and opts["trt_builder_optimization_level"] == 4
     assert opts["trt_profile_max_shapes"] == "x:8x4"
-    static = og.tensorrt_provider_options(og.GpuSettings(), precision, None, tmp_path, tmp_path)
+    static = tensorrt_provider_options(GpuSettings(), precision, None, tmp_path, tmp_path)
     assert not any(k.startswith("trt_profile") for k in static) and "trt_builder_optimization_level" not in static
 
 
@@ -387,22 +390,22 @@ def test_settings_from_options(tmp_path: Any) -> None:
         "sparse": True,
         "engine_cache_dir": str(tmp_path),
     }
-    s = og.GpuSettings.from_options(BackendOptions(extra=extra))
+    s = GpuSettings.from_options(BackendOptions(extra=extra))
     assert (s.device_id, s.max_batch_size, s.opt_batch_size, s.sparse, s.cache_root()) == (1, 16, 4, True, tmp_path)
-    assert og.GpuSettings.from_options(BackendOptions()).cache_root().name == "slimserve-engines"
+    assert GpuSettings.from_options(BackendOptions()).cache_root().name == "slimserve-engines"
     with pytest.raises(BackendError, match="device_id"):
-        og.GpuSettings.from_options(BackendOptions(extra={"device_id": "0"}))
+        GpuSettings.from_options(BackendOptions(extra={"device_id": "0"}))
 
 
 # -- no silent fallback ----------------------------------------------------------------------------------------
 
 
 def test_check_providers() -> None:
-    og.check_providers("onnxruntime-cuda", ["CUDAExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    check_providers("onnxruntime-cuda", ["CUDAExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(BackendUnavailable, match=r"fell back to CPU: because"):
-        og.check_providers("onnxruntime-cuda", ["CUDAExecutionProvider"], ["CPUExecutionProvider"], "because")
+        check_providers("onnxruntime-cuda", ["CUDAExecutionProvider"], ["CPUExecutionProvider"], "because")
     with pytest.raises(BackendUnavailable, match=r"TensorrtExecutionProvider did not load and it fell back to CUDA"):
-        og.check_providers(
+        check_providers(
             "onnxruntime-tensorrt",
             ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
             ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -421,7 +424,7 @@ def test_onnxruntime_cuda_is_unavailable_on_a_cpu_build() -> None:
 def test_a_silent_cpu_fallback_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend the CUDA provider is available: ONNX Runtime then creates the session anyway, on the CPU only
     (its real, silent behaviour, seen here), and the backend must refuse it with the reason."""
-    monkeypatch.setattr(og, "_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(og, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(BackendUnavailable, match=r"fell back to CPU: .*(no NVIDIA GPU|not in this onnxruntime wheel)"):
         load_backend("onnxruntime-cuda", mlp())
 
@@ -439,18 +442,18 @@ def test_tensorrt_missing_says_how_to_install() -> None:
 def test_to_fp16_structure() -> None:
     original = load(mlp())
     before = original.SerializeToString()
-    fp16 = og.to_fp16(original)
+    fp16 = to_fp16(original)
     assert original.SerializeToString() == before  # the input is not modified
     assert elem_types(list(fp16.graph.input)) == [TensorProto.FLOAT]  # clients keep sending FP32
     assert elem_types(list(fp16.graph.output)) == [TensorProto.FLOAT, TensorProto.FLOAT]
     assert {i.data_type for i in fp16.graph.initializer} == {TensorProto.FLOAT16}
     assert sum(n.op_type == "Cast" for n in fp16.graph.node) == 3  # one per graph input and output
     onnx.checker.check_model(fp16)
-    assert og.is_fp16_model(fp16) and not og.is_fp16_model(original)
+    assert is_fp16_model(fp16) and not is_fp16_model(original)
 
 
 def test_to_fp16_runs_on_cpu_within_fp16_tolerance() -> None:
-    fp16 = og.to_fp16(load(mlp())).SerializeToString()
+    fp16 = to_fp16(load(mlp())).SerializeToString()
     x = np.random.default_rng(3).standard_normal((16, 4)).astype(np.float32)
     ref = OnnxRuntimeBackend(mlp()).infer({"x": x})
     got = OnnxRuntimeBackend(fp16).infer({"x": x})
@@ -462,7 +465,7 @@ def test_to_fp16_runs_on_cpu_within_fp16_tolerance() -> None:
 
 def test_qdq_detection() -> None:
     data, _, _ = qdq_linear()
-    assert og.has_qdq(load(data)) and not og.has_qdq(load(mlp()))
+    assert has_qdq(load(data)) and not has_qdq(load(mlp()))
 
 
 # -- the IO-binding plumbing, run on ONNX Runtime's CPU provider ------------------------------------------------

@@ -55,6 +55,9 @@ class Round:
     #: "mid-body", "after-body", "tmp-file", "blob-file", "after-201"
     point: str
     delay_s: float = 0.0
+    #: the server's SLIMSERVE_TEST_CRASH_POINT for this round (model_store/blobs.py): the write stops there,
+    #: so the kill that follows lands at that exact point on every run, however busy the machine
+    crash_point: str = ""
 
 
 @dataclass
@@ -126,7 +129,7 @@ def _kill_during_upload(server: Server, rnd: Round, model: bytes, tmpdir: Path) 
     watcher = None
     blobs = server.data_dir / "blobs"
     if rnd.point == "tmp-file":
-        watcher = _Watcher([blobs / "tmp", tmpdir], kill)
+        watcher = _Watcher([blobs / "tmp"], kill)
     elif rnd.point == "blob-file":
         watcher = _Watcher([blobs / "sha256"], kill)
     if watcher:
@@ -199,7 +202,7 @@ def _check_whole(server: Server, tmpdir: Path, acked: set[tuple[str, int]]) -> d
                 assert path.stat().st_size == variant["size_bytes"]
                 r = c.post(f"/v2/models/{m['name']}/versions/{v['version']}/infer", json=infer_body(dim=UPLOAD_DIMS[0]))
                 assert r.status_code == 200, r.text
-    return {"versions": len(versions), "orphans": len(orphans)}
+    return {"versions": len(versions), "orphans_after_restart": len(orphans)}
 
 
 ROUNDS = [
@@ -207,8 +210,8 @@ ROUNDS = [
     Round("after-body+10ms", "after-body", 0.01),
     Round("after-body+40ms", "after-body", 0.04),
     Round("after-body+80ms", "after-body", 0.08),
-    Round("blob-temp-file-appears", "tmp-file"),
-    Round("blob-renamed-into-place", "blob-file"),
+    Round("blob-temp-file-written", "tmp-file", crash_point="blob-temp-written"),
+    Round("blob-renamed-no-row-yet", "blob-file", crash_point="blob-renamed"),
     Round("right-after-201", "after-201"),
     Round("random-delay", "after-body", random.Random(7).uniform(0.0, 0.15)),
 ]
@@ -225,7 +228,15 @@ def test_sigkill_during_uploads_leaves_a_whole_store(server_factory: ServerFacto
         SLIMSERVE_GC_GRACE_S="0",
         SLIMSERVE_ADMIN_TOKEN=TOKEN,
     )
-    s.start()
+
+    def start_for(rnd: Round | None) -> None:
+        """(Re)start with the next round's crash point: the restart after a kill is also the next round's."""
+        s.env.pop("SLIMSERVE_TEST_CRASH_POINT", None)
+        if rnd is not None and rnd.crash_point:
+            s.env["SLIMSERVE_TEST_CRASH_POINT"] = rnd.crash_point
+        s.start()
+
+    start_for(ROUNDS[0])
     acked: set[tuple[str, int]] = set()
     outcomes = []
     for i, rnd in enumerate(ROUNDS):
@@ -234,14 +245,18 @@ def test_sigkill_during_uploads_leaves_a_whole_store(server_factory: ServerFacto
         outcomes.append(o)
         if o.version is not None:
             acked.add(("crash", o.version))
-        s.start()
+        start_for(ROUNDS[i + 1] if i + 1 < len(ROUNDS) else None)
         o.leftovers.update(_check_whole(s, tmpdir, acked))
     report = "\n".join(f"{o.round.name}: status={o.status} killed_at={o.killed_at_s}s {o.leftovers}" for o in outcomes)
     print(report)
-    # the kill points were really hit: some uploads were cut off, and at least one left a temporary
-    # or an orphan behind for the restart to deal with
-    assert any(o.status != 201 for o in outcomes), report
-    assert any(o.leftovers["temporaries"] or o.leftovers["orphans"] for o in outcomes), report
+    # The deterministic kill points were really hit, on every run: a kill mid-body and at both crash points
+    # cut the upload off; the crash points left a temporary, and a blob no row names, for the restart.
+    by_name = {o.round.name: o for o in outcomes}
+    for name in ("mid-body", "blob-temp-file-written", "blob-renamed-no-row-yet"):
+        assert by_name[name].status != 201, report
+    assert by_name["blob-temp-file-written"].leftovers["temporaries"] >= 1, report
+    assert by_name["blob-renamed-no-row-yet"].leftovers["orphans"] >= 1, report
+    assert by_name["right-after-201"].status == 201, report
 
     with s.client(TOKEN) as c:
         r = upload(c, "after-crashes", mlp(*UPLOAD_DIMS, seed=1))

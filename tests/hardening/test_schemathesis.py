@@ -8,8 +8,8 @@ whole module stays around a minute on a 2-core machine.
 
 from __future__ import annotations
 
+import contextlib
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -26,7 +26,7 @@ from schemathesis.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from tests.conftest import POSTGRES_URL, Server, ServerFactory, postgres_available, upload  # noqa: E402
+from tests.conftest import Server, ServerFactory, fresh_postgres_database, upload  # noqa: E402
 from tests.hardening.helpers import AUTH, TOKEN, start_bounded  # noqa: E402
 from tests.onnx_models import mlp  # noqa: E402
 
@@ -40,29 +40,17 @@ CHECKS = [not_a_server_error, status_code_conformance, response_schema_conforman
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def fuzz_server(request: pytest.FixtureRequest, server_factory: ServerFactory) -> Iterator[Server]:
     env = {"SLIMSERVE_ADMIN_TOKEN": TOKEN, "SLIMSERVE_MAX_UPLOAD_BYTES": str(4 << 20)}
-    db = None
-    if request.param == "postgres":
-        if not postgres_available():
-            pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
-        from sqlalchemy import create_engine, text
-
-        db = f"slimserve_fuzz_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {db}"))
-        env["SLIMSERVE_DATABASE_URL"] = POSTGRES_URL.rsplit("/", 1)[0] + f"/{db}"
-    s = server_factory(start=False, **env)
-    start_bounded(s)
-    with s.client(TOKEN) as c:
-        # something for the generated names to find now and then
-        assert upload(c, "a", mlp()).status_code == 201
-        assert upload(c, "0", mlp()).status_code == 201
-    yield s
-    s.stop()
-    if db is not None:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE {db} WITH (FORCE)"))
-        admin.dispose()
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgres":
+            env["SLIMSERVE_DATABASE_URL"] = stack.enter_context(fresh_postgres_database("slimserve_fuzz"))
+        s = server_factory(start=False, **env)
+        start_bounded(s)
+        with s.client(TOKEN) as c:
+            # something for the generated names to find now and then
+            assert upload(c, "a", mlp()).status_code == 201
+            assert upload(c, "0", mlp()).status_code == 201
+        yield s
+        s.stop()  # before the database is dropped
 
 
 def _fuzz_operation(operation, mode: GenerationMode, base_url: str) -> str | None:  # type: ignore[no-untyped-def]
