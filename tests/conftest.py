@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,3 +134,22 @@ def postgres_available() -> bool:
         return True
     except Exception:
         return False
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """The URL of a PostgreSQL database of this test's own, dropped afterwards (tests run side by side)."""
+    if not postgres_available():
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
+    from sqlalchemy import create_engine, text
+
+    db = f"slimserve_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {db}"))
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{db}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE {db} WITH (FORCE)"))
+        admin.dispose()
