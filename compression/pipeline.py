@@ -147,27 +147,24 @@ def _quantize(
     )
     stage = {"quantize": _plain(qreport), "base": base_name}
     qdq = forms["qdq"].SerializeToString()
-    out = [ProducedVariant("int8", "int8-qdq", qdq, qdq, {**copy.deepcopy(stage), "form": "qdq"})]
-    if "cpu" not in forms or q.cpu_form == "never":
-        return out
-    cpu = forms["cpu"].SerializeToString()
-    decision: dict[str, Any] = {"policy": q.cpu_form, "margin": CPU_FORM_MARGIN}
-    if q.cpu_form == "auto":
-        # int8-cpu is a second int8 variant to store and load: it is kept only when it is measurably faster.
-        sample = data.evaluation or data.calibration
-        timing = compare_latency(cpu, qdq, sample, rounds=max(CPU_FORM_ROUNDS, spec.latency_runs))
-        decision.update(timing.to_dict(), published=timing.faster(CPU_FORM_MARGIN))
-        verdict = "published" if decision["published"] else "not published"
-        notes.append(
-            f"int8-cpu {verdict}: its latency is {timing.ratio:.3f}x int8's (95% interval {timing.low:.3f}-"
-            f"{timing.high:.3f}, {timing.rounds} interleaved rounds); it must be below {1 - CPU_FORM_MARGIN:.2f}"
-        )
-    else:
-        decision["published"] = True
-    out[0].details["int8_cpu"] = copy.deepcopy(decision)
-    if decision["published"]:
-        details = {**copy.deepcopy(stage), "form": "cpu", "int8_cpu": copy.deepcopy(decision)}
-        out.append(ProducedVariant("int8-cpu", "int8-cpu", cpu, cpu, details))
+    cpu = forms["cpu"].SerializeToString() if "cpu" in forms and q.cpu_form != "never" else None
+    decision: dict[str, Any] | None = None
+    if cpu is not None:
+        decision = {"policy": q.cpu_form, "margin": CPU_FORM_MARGIN, "published": True}
+        if q.cpu_form == "auto":
+            # int8-cpu is a second int8 variant to store and load: it is kept only when it is measurably faster.
+            sample = data.evaluation or data.calibration
+            timing = compare_latency(cpu, qdq, sample, rounds=max(CPU_FORM_ROUNDS, spec.latency_runs))
+            decision.update(timing.to_dict(), published=timing.faster(CPU_FORM_MARGIN))
+            notes.append(
+                f"int8-cpu {'published' if decision['published'] else 'not published'}: its latency is "
+                f"{timing.ratio:.3f}x int8's (95% interval {timing.low:.3f}-{timing.high:.3f}, {timing.rounds} "
+                f"interleaved rounds); it must be below {1 - CPU_FORM_MARGIN:.2f}"
+            )
+    extra = {} if decision is None else {"int8_cpu": decision}
+    out = [ProducedVariant("int8", "int8-qdq", qdq, qdq, copy.deepcopy({**stage, "form": "qdq", **extra}))]
+    if cpu is not None and decision is not None and decision["published"]:
+        out.append(ProducedVariant("int8-cpu", "int8-cpu", cpu, cpu, copy.deepcopy({**stage, "form": "cpu", **extra})))
     return out
 
 
