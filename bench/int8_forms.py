@@ -2,13 +2,14 @@
 
 Run from the repository root, holding the machine lock:
 
-    flock /tmp/slimserve-bench.lock .venv/bin/python bench/int8_forms.py [--rounds 30] [--threads 0]
+    flock /tmp/slimserve-bench.lock .venv/bin/python bench/int8_forms.py [--rounds 30] [--threads 1]
 
 For each model it quantizes with ``compression.quantize.quantize_model`` (minmax, SmoothQuant auto), then
 times the two forms against each other with ``compression.evaluate.compare_latency`` -- the interleaved A/B
-comparison a job runs -- at batch 1, and prints the median latency ratio cpu / qdq with its 95% interval and
-whether the job would publish `int8-cpu` (the whole interval below 1 - margin). The last row of each model
-times the qdq form against itself: the noise floor, which must never count as faster.
+comparison a job runs, with the job's one intra-op thread by default -- at batch 1. It prints the median latency
+ratio cpu / qdq with its 95% interval, and whether the job would publish `int8-cpu` (the whole interval below
+1 - margin). The last row of each model times the qdq form against itself: the noise floor, which must never
+count as faster.
 
 Models: a small MLP (64 -> 256 -> 10), the digits CNN (tests/compression/digits.py) and, when its
 weights are installed, the all-MiniLM-L6-v2 sentence encoder (tests/compression/encoder.py, seq 128).
@@ -59,7 +60,7 @@ def models() -> list[tuple[str, onnx.ModelProto, Data, Data]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds per comparison")
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0: its default; jobs: 1)")
     args = ap.parse_args()
     print(f"`{' '.join(sys.argv)}` on {platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| model | A / B | ratio A/B | 95% interval | A ms | B ms | calls/timing | publish int8-cpu |")

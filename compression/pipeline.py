@@ -28,6 +28,10 @@ from compression.spec import CompressionSpec
 Progress = Callable[[str, float], None]
 CPU_FORM_MARGIN = 0.05  # int8-cpu is published when it is faster than int8 by more than this, beyond noise
 CPU_FORM_ROUNDS = 30  # interleaved rounds of the int8-cpu / int8 timing (at least compression.timing.MIN_ROUNDS)
+# The forms differ in their kernels, and one intra-op thread times kernels reproducibly on a shared machine: with
+# two threads on two busy cores the digits CNN's interval moved between runs from 0.767-0.789 to 0.728-1.054,
+# with one it stayed within 0.74-0.79 (bench/int8_forms.py, docs/benchmarks.md).
+CPU_FORM_THREADS = 1
 
 
 class NeedsData(ValueError):
@@ -154,8 +158,9 @@ def _quantize(
         if q.cpu_form == "auto":
             # int8-cpu is a second int8 variant to store and load: it is kept only when it is measurably faster.
             sample = data.evaluation or data.calibration
-            timing = compare_latency(cpu, qdq, sample, rounds=max(CPU_FORM_ROUNDS, spec.latency_runs))
-            decision.update(timing.to_dict(), published=timing.faster(CPU_FORM_MARGIN))
+            rounds = max(CPU_FORM_ROUNDS, spec.latency_runs)
+            timing = compare_latency(cpu, qdq, sample, rounds=rounds, threads=CPU_FORM_THREADS)
+            decision.update(timing.to_dict(), threads=CPU_FORM_THREADS, published=timing.faster(CPU_FORM_MARGIN))
             notes.append(
                 f"int8-cpu {'published' if decision['published'] else 'not published'}: its latency is "
                 f"{timing.ratio:.3f}x int8's (95% interval {timing.low:.3f}-{timing.high:.3f}, {timing.rounds} "
