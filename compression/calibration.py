@@ -76,6 +76,11 @@ def holdout_sizes(count: int, batch: int | None, holdout_fraction: float) -> tup
     if not 0.0 < holdout_fraction < 1.0:
         raise CalibrationError(f"the held-out fraction must be between 0 and 1, got {holdout_fraction}")
     b = batch or 1
+    if count % b:
+        raise CalibrationError(
+            f"the model takes batches of exactly {b} (its first dimension is fixed), so the number of calibration "
+            f"samples must be a multiple of {b}; got {count}"
+        )
     groups = count // b
     if groups < 2:
         need = f"2 batches of {b} (the model's fixed batch size)" if b > 1 else "2 samples"

@@ -120,6 +120,8 @@ def test_holdout_split_keeps_whole_batches() -> None:
         holdout_sizes(1, None, 0.25)
     with pytest.raises(CalibrationError, match="at least 2 batches of 8"):
         holdout_sizes(8, 8, 0.25)
+    with pytest.raises(CalibrationError, match="multiple of 8; got 20"):
+        holdout_sizes(20, 8, 0.25)  # a remainder would be dropped silently
     x = np.arange(48 * 3, dtype=np.float32).reshape(48, 3)
     s = check_samples({"x": x}, [TensorSpec("x", "FP32", (4, 3))], labels=np.arange(48))
     cal, ev = s.split(0.25)
