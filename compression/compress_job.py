@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from compression.pipeline import load_data, run_pipeline
+from backends import TensorSpec
+from compression.calibration import parse_npz
+from compression.pipeline import CompressionData, run_pipeline
 from compression.spec import CompressionSpec
 from model_store import NewVariant
 
@@ -24,8 +26,9 @@ def run_compress_job(ctx: JobContext) -> dict[str, Any]:
     model_bytes = store.blobs.get_bytes(original.runnable_sha256)
     cal_sha = job.spec.get("calibration_sha256") or version.calibration_sha256
     npz = store.blobs.get_bytes(cal_sha) if cal_sha else None
-    inputs = [t["name"] for t in original.details.get("inputs", [])]
-    data = load_data(npz, inputs, spec.holdout_fraction)
+    inputs = [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in original.details.get("inputs", [])]
+    samples = parse_npz(npz, inputs) if npz is not None else None
+    data = CompressionData.split(samples, spec.holdout_fraction)
     t0 = time.perf_counter()
     result = run_pipeline(model_bytes, spec, data, ctx.progress)
     ctx.progress("evaluate", 1.0)
@@ -33,11 +36,10 @@ def run_compress_job(ctx: JobContext) -> dict[str, Any]:
     for v in result.variants:
         stored = store.blobs.put_bytes(v.stored)
         runnable = store.blobs.put_bytes(v.runnable) if v.runnable is not v.stored else stored
-        v.details.setdefault("job", job.id)
         store.catalog.add_variant(
             job.model,
             job.version,
-            NewVariant(v.name, v.kind, stored, len(v.stored), runnable, v.details),
+            NewVariant(v.name, v.kind, stored, len(v.stored), runnable, {**v.details, "job": job.id}),
             replace=True,
         )
     store.catalog.set_default_variant(job.model, job.version, result.default_variant, pinned=False)

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from compression import _entropy as ent
+from compression.fold import fold_constants
 from compression.onnx_graph import FLOAT_TYPES
 
 MAGIC = b"SLMZ"
@@ -54,6 +55,7 @@ class EncodeReport:
     skeleton_bytes: int = 0  # the uncompressed ONNX skeleton
     bits_per_weight_overall: float = 0.0  # 8 x artifact bytes / all parameters of the model
     skipped: list[dict] = field(default_factory=list)  # float tensors kept exact in the skeleton, with why
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,9 +167,13 @@ def _choose_alphabet(gaps: np.ndarray) -> int:
 def encode_model(
     model: onnx.ModelProto, bits: int, progress: Callable[[float], None] | None = None
 ) -> tuple[bytes, EncodeReport]:
-    """Weight-share, gap-code and rANS-code the model's linear weights into one artifact (see module doc)."""
+    """Weight-share, gap-code and rANS-code the model's linear weights into one artifact (see module doc).
+
+    Weights computed by constant subgraphs are folded into initializers first (``compression.fold``).
+    """
     _check_bits(bits)
     original = model.SerializeToString()
+    model, note = fold_constants(model)
     skel = onnx.ModelProto()
     skel.CopyFrom(model)
     chosen, skipped = _encodable(skel, bits)
@@ -242,6 +248,7 @@ def encode_model(
         skeleton_bytes=len(skel_bytes),
         bits_per_weight_overall=8 * len(blob) / max(1, sum(int(np.prod(t.dims)) for t in model.graph.initializer)),
         skipped=skipped,
+        notes=[note] if note else [],
     )
     if progress and not chosen:
         progress(1.0)

@@ -14,8 +14,11 @@ import onnx
 from backends import BackendOptions, load_backend
 from backends.onnx_model import parse_model
 from compression import onnx_graph as og
+from compression.calibration import Samples, check_feeds
 from compression.encode import decode_model, is_encoded
+from compression.fold import fold_constants
 from compression.metrics import compare
+from compression.timing import Comparison, compare_timings
 
 BACKEND = "onnxruntime-cpu"
 
@@ -24,32 +27,22 @@ def _as_onnx_bytes(model_bytes: bytes) -> bytes:
     return decode_model(model_bytes).SerializeToString() if is_encoded(model_bytes) else model_bytes
 
 
-def _batch_size(backend: object, n: int, batch_size: int) -> int:
-    """``batch_size``, or the model's fixed batch dimension when it has one."""
-    fixed = {t.shape[0] for t in backend.inputs if t.shape and t.shape[0] > 0}  # type: ignore[attr-defined]
-    if not fixed:
-        return batch_size
-    if len(fixed) > 1:
-        raise ValueError(f"the model's inputs fix different batch sizes {sorted(fixed)}")
-    b = fixed.pop()
-    if n % b:
-        raise ValueError(f"the model fixes batch size {b}; {n} samples are not a multiple of it")
-    return b
+def run_model(
+    model_bytes: bytes, inputs: dict[str, np.ndarray] | Samples, batch_size: int = 64
+) -> dict[str, np.ndarray]:
+    """All outputs of the model on ``inputs`` (samples on axis 0), run in batches and concatenated.
 
-
-def run_model(model_bytes: bytes, inputs: dict[str, np.ndarray], batch_size: int = 64) -> dict[str, np.ndarray]:
-    """All outputs of the model on ``inputs`` (samples on axis 0), run in batches and concatenated."""
+    A model with a fixed batch dimension is run that many samples at a time, whatever ``batch_size`` says.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = _as_onnx_bytes(model_bytes)
-    og.check_feeds(parse_model(data), inputs, what="input")
+    samples = check_feeds(parse_model(data), inputs, what="input")
     backend = load_backend(BACKEND, data, BackendOptions())
     try:
-        n = len(next(iter(inputs.values())))
-        b = _batch_size(backend, n, batch_size)
         parts: dict[str, list[np.ndarray]] = {}
-        for s in range(0, n, b):
-            out = backend.infer({k: np.asarray(v[s : s + b]) for k, v in inputs.items()})
+        for feed in samples.batches(batch_size):
+            out = backend.infer(feed)
             for k, v in out.items():
                 parts.setdefault(k, []).append(v)
         return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
@@ -59,6 +52,7 @@ def run_model(model_bytes: bytes, inputs: dict[str, np.ndarray], batch_size: int
 
 def model_sparsity(model: onnx.ModelProto) -> float:
     """Fraction of exact zeros among the prunable weights (the linear layers ``prune_model`` would touch)."""
+    model, _ = fold_constants(model)  # weights computed from constants count, as prune_model sees them
     refs, _ = og.linear_weights(model)
     total = zeros = 0
     for r in refs:
@@ -73,7 +67,7 @@ def _parameters(model: onnx.ModelProto) -> int:
 
 
 def evaluate_variant(
-    reference: bytes, candidate: bytes, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None
+    reference: bytes, candidate: bytes, inputs: dict[str, np.ndarray] | Samples, labels: np.ndarray | None = None
 ) -> dict:
     """Compare every output of ``candidate`` with ``reference`` on the same inputs.
 
@@ -88,7 +82,7 @@ def evaluate_variant(
     missing = [n for n in names if n not in cand_out]
     if missing:
         raise ValueError(f"the candidate lacks output(s) {missing} of the reference")
-    if labels is not None and len(labels) != len(next(iter(inputs.values()))):
+    if labels is not None and len(labels) != len(next(iter(ref_out.values()))):
         raise ValueError("labels and inputs have different sample counts")
     outputs = {n: compare(ref_out[n], cand_out[n], labels).to_dict() for n in names}
     params = _parameters(parse_model(reference))
@@ -105,22 +99,25 @@ def evaluate_variant(
 
 def measure_latency(
     model_bytes: bytes,
-    inputs: dict[str, np.ndarray],
+    inputs: dict[str, np.ndarray] | Samples,
     batch_size: int = 1,
     runs: int = 50,
     warmup: int = 5,
     threads: int = 0,
 ) -> dict:
-    """Wall-clock latency of one inference of ``batch_size`` samples (taken from ``inputs``, repeated if short)."""
+    """Wall-clock latency of one inference of ``batch_size`` samples (taken from ``inputs``, repeated if short).
+
+    A model with a fixed batch dimension is timed at that batch size (the only one it runs).
+    """
     if batch_size < 1 or runs < 1 or warmup < 0 or threads < 0:
         raise ValueError("batch_size and runs must be >= 1, warmup and threads >= 0")
     data = _as_onnx_bytes(model_bytes)
-    og.check_feeds(parse_model(data), inputs, what="input")
+    samples = check_feeds(parse_model(data), inputs, what="input")
+    batch_size = samples.batch or batch_size
     backend = load_backend(BACKEND, data, BackendOptions(intra_op_threads=threads))
     try:
         feeds = {}
-        for k, v in inputs.items():
-            v = np.asarray(v)
+        for k, v in samples.arrays.items():
             reps = -(-batch_size // len(v))
             feeds[k] = np.concatenate([v] * reps, axis=0)[:batch_size] if reps > 1 else v[:batch_size]
         for _ in range(warmup):
@@ -142,3 +139,25 @@ def measure_latency(
         "threads": threads,
         "backend": BACKEND,
     }
+
+
+def compare_latency(
+    a: bytes, b: bytes, inputs: dict[str, np.ndarray] | Samples, rounds: int = 30, threads: int = 0
+) -> Comparison:
+    """Time model ``a`` against model ``b`` interleaved on the same feed (``compression.timing``).
+
+    The feed is one batch: one sample, or the model's fixed batch size. The ratio is t_a / t_b.
+    """
+    data_a, data_b = _as_onnx_bytes(a), _as_onnx_bytes(b)
+    samples = check_feeds(parse_model(data_a), inputs, what="input")
+    feed = next(samples.batches(1))
+    options = BackendOptions(intra_op_threads=threads)
+    backend_a = load_backend(BACKEND, data_a, options)
+    try:
+        backend_b = load_backend(BACKEND, data_b, options)
+        try:
+            return compare_timings(lambda: backend_a.infer(feed), lambda: backend_b.infer(feed), rounds=rounds)
+        finally:
+            backend_b.unload()
+    finally:
+        backend_a.unload()

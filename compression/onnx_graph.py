@@ -21,6 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+    from compression.calibration import Samples
+
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
 MIN_PRUNABLE_WEIGHTS = 1024  # smaller layers (a first conv, a tiny head) cost little and prune badly
@@ -218,38 +220,6 @@ def activation_rows(act: np.ndarray, model: onnx.ModelProto, ref: WeightRef) -> 
     return act.reshape(-1, act.shape[-1])
 
 
-def runtime_inputs(model: onnx.ModelProto) -> list[str]:
-    inits = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
-
-
-def float_inputs(model: onnx.ModelProto) -> dict[str, type]:
-    """Model inputs of a float type -> numpy dtype (numeric feeds for them are cast to it)."""
-    out = {}
-    for vi in model.graph.input:
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in FLOAT_TYPES:
-            out[vi.name] = FLOAT_TYPES[vi.type.tensor_type.elem_type]
-    return out
-
-
-def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str = "calibration") -> int:
-    """Validate input arrays against the model's inputs; returns the sample count (axis 0)."""
-    names = runtime_inputs(model)
-    missing = [n for n in names if n not in feeds]
-    if missing:
-        raise ValueError(f"{what} data lacks model input(s) {missing}; the model takes {names}")
-    extra = [n for n in feeds if n not in names]
-    if extra:
-        raise ValueError(f"{what} data has unknown input(s) {extra}; the model takes {names}")
-    for name, want in float_inputs(model).items():
-        if name in feeds and np.asarray(feeds[name]).dtype.kind not in "fiub":
-            raise ValueError(f"{what} input {name!r} has dtype {np.asarray(feeds[name]).dtype}, not {np.dtype(want)}")
-    counts = {n: np.asarray(feeds[n]).shape[0] if np.ndim(feeds[n]) else 0 for n in names}
-    if len(set(counts.values())) != 1 or not next(iter(counts.values()), 0):
-        raise ValueError(f"{what} arrays need the same, non-zero number of samples on axis 0: {counts}")
-    return next(iter(counts.values()))
-
-
 def _session(model: onnx.ModelProto, extra_outputs: list[tuple[str, int]]) -> ort.InferenceSession:
     import onnxruntime as ort
 
@@ -264,22 +234,23 @@ def _session(model: onnx.ModelProto, extra_outputs: list[tuple[str, int]]) -> or
     return ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def iter_activations(
-    model: onnx.ModelProto, ref: WeightRef, feeds: dict[str, np.ndarray], chunk: int = 64
-) -> Iterator[np.ndarray]:
-    """The layer's input rows (float64) on the calibration data, a bounded chunk at a time."""
-    n = check_feeds(model, feeds)
+def iter_activations(model: onnx.ModelProto, ref: WeightRef, feeds: Samples, chunk: int = 64) -> Iterator[np.ndarray]:
+    """The layer's input rows (float64) on the calibration data, a bounded chunk at a time.
+
+    A model with a fixed batch dimension is fed exactly that many samples per run.
+    """
     sess = None
-    if ref.activation not in feeds:
+    if ref.activation not in feeds.arrays:
         try:
             sess = _session(model, [(ref.activation, model.graph.initializer[ref.index].data_type)])
         except Exception as e:
             raise ValueError(f"ONNX Runtime cannot load the model to calibrate it: {str(e).strip()[:300]}") from None
-    dtypes = float_inputs(model)
+    n = feeds.count
     start = 0
     while start < n:
-        batch = {k: np.asarray(v[start : start + chunk], dtype=dtypes.get(k)) for k, v in feeds.items()}
-        start += chunk
+        step = feeds.batch or chunk
+        batch = {k: v[start : start + step] for k, v in feeds.arrays.items()}
+        start += step
         try:
             act = batch[ref.activation] if sess is None else sess.run([ref.activation], batch)[0]
         except Exception as e:  # onnxruntime's own exception types
@@ -296,7 +267,7 @@ def iter_activations(
             yield activation_rows(act[s : s + step].astype(np.float64), model, ref)
 
 
-def hessian(model: onnx.ModelProto, ref: WeightRef, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
+def hessian(model: onnx.ModelProto, ref: WeightRef, feeds: Samples) -> tuple[np.ndarray, int]:
     """X^T X over the layer's input rows (float64) and the number of rows."""
     cols = int(np.prod(ref.shape[1:])) if ref.op == "Conv" else ref.in_channels
     h = np.zeros((cols, cols))

@@ -4,12 +4,16 @@ Stages chain the way Deep Compression does: quantization and encoding start from
 pruning was asked for. Every variant is evaluated against the original on held-out samples, and the
 default variant is chosen by a stated policy: the fastest variant whose accuracy loss is within the
 spec's tolerance (the original when nothing qualifies, or when there is no data to measure accuracy).
+
+Quantization makes two int8 forms. ``int8`` (QDQ, symmetric) is always published: it is the form TensorRT
+consumes. ``int8-cpu`` (the form ONNX Runtime's CPU kernels run fastest) is published only when it is timed
+faster than ``int8`` by more than ``CPU_FORM_MARGIN`` beyond the noise (``compression.timing``), unless the
+spec says ``cpu_form: always`` or ``never``. Each variant carries its own details and its own evaluation.
 """
 
 from __future__ import annotations
 
-import io
-import zipfile
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,59 +21,49 @@ from typing import Any
 import numpy as np
 import onnx
 
+from compression.calibration import Samples
+from compression.fold import fold_constants
 from compression.spec import CompressionSpec
 
 Progress = Callable[[str, float], None]
+CPU_FORM_MARGIN = 0.05  # int8-cpu is published when it is faster than int8 by more than this, beyond noise
+CPU_FORM_ROUNDS = 30  # interleaved rounds of the int8-cpu / int8 timing (at least compression.timing.MIN_ROUNDS)
+# The forms differ in their kernels, and one intra-op thread times kernels reproducibly on a shared machine: with
+# two threads on two busy cores the digits CNN's interval moved between runs from 0.767-0.789 to 0.728-1.054,
+# with one it stayed within 0.74-0.79 (bench/int8_forms.py, docs/benchmarks.md).
+CPU_FORM_THREADS = 1
 
 
 class NeedsData(ValueError):
     """The spec asks for something that calibration data is needed for, and there is none."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressionData:
-    calibration: dict[str, np.ndarray] | None
-    evaluation: dict[str, np.ndarray] | None
-    labels: np.ndarray | None  # labels of the evaluation samples, when the .npz carried a `labels` array
+    """The calibration samples the stages use and the held-out samples every variant is evaluated on."""
+
+    calibration: Samples | None = None
+    evaluation: Samples | None = None
+
+    @classmethod
+    def split(cls, samples: Samples | None, holdout_fraction: float, seed: int = 0) -> CompressionData:
+        if samples is None:
+            return cls()
+        calibration, evaluation = samples.split(holdout_fraction, seed)
+        return cls(calibration, evaluation)
 
     @property
     def has_data(self) -> bool:
         return self.calibration is not None
 
 
-def load_data(npz: bytes | None, input_names: list[str], holdout_fraction: float, seed: int = 0) -> CompressionData:
-    """Split an .npz (arrays named after the inputs, optional `labels`) into calibration and held-out parts."""
-    if npz is None:
-        return CompressionData(None, None, None)
-    try:
-        with np.load(io.BytesIO(npz), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"calibration data is not a readable .npz: {e}") from None
-    labels = arrays.pop("labels", None)
-    missing = sorted(set(input_names) - set(arrays))
-    if missing:
-        raise ValueError(f"calibration data lacks arrays for inputs {missing}")
-    n = next(iter(arrays.values())).shape[0]
-    if n < 2:
-        raise ValueError("calibration data needs at least 2 samples (some are held out for evaluation)")
-    order = np.random.default_rng(seed).permutation(n)
-    n_eval = min(n - 1, max(1, round(n * holdout_fraction)))
-    ev, cal = order[:n_eval], order[n_eval:]
-    return CompressionData(
-        calibration={k: v[cal] for k, v in arrays.items() if k in input_names},
-        evaluation={k: v[ev] for k, v in arrays.items() if k in input_names},
-        labels=labels[ev] if labels is not None and labels.shape[0] == n else None,
-    )
-
-
-@dataclass
+@dataclass(frozen=True)
 class ProducedVariant:
     name: str
     kind: str
     stored: bytes  # the artifact kept in the store (the encoded form for `encoded`)
     runnable: bytes  # the ONNX model the backends run
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # this variant's own: never shared with another
 
 
 @dataclass
@@ -86,7 +80,10 @@ def _sub(progress: Progress, stage: str) -> Callable[[float], None]:
 
 def run_pipeline(original: bytes, spec: CompressionSpec, data: CompressionData, progress: Progress) -> PipelineResult:
     notes: list[str] = []
-    model = onnx.load_from_string(original)
+    # Fold constant subgraphs once, so every stage sees weights computed from constants as initializers.
+    model, note = fold_constants(onnx.load_from_string(original))
+    if note:
+        notes.append(note)
     produced: list[ProducedVariant] = []
     base, base_name = model, "original"
 
@@ -106,29 +103,7 @@ def run_pipeline(original: bytes, spec: CompressionSpec, data: CompressionData, 
         base, base_name = pruned, name
 
     if spec.quantize is not None:
-        from compression.quantize import quantize_model
-
-        q = spec.quantize
-        if not data.has_data or data.calibration is None:
-            raise NeedsData(
-                "int8 calibration needs data: upload the version with a `calibration` .npz, or give one with the job"
-            )
-        progress("quantize", 0.0)
-        forms, qreport = quantize_model(
-            base,
-            data.calibration,
-            method=q.calibration,
-            tolerance=q.tolerance,
-            evaluation=data.evaluation,
-            progress=_sub(progress, "quantize"),
-            metric=spec.metric,
-        )
-        details = {"quantize": _plain(qreport), "base": base_name}
-        qdq = forms["qdq"].SerializeToString()
-        produced.append(ProducedVariant("int8", "int8-qdq", qdq, qdq, details))
-        if "cpu" in forms:
-            cpu = forms["cpu"].SerializeToString()
-            produced.append(ProducedVariant("int8-cpu", "int8-cpu", cpu, cpu, details))
+        produced += _quantize(base, base_name, spec, data, progress, notes)
 
     if spec.encode is not None:
         from compression.encode import decode_model, encode_model
@@ -141,8 +116,70 @@ def run_pipeline(original: bytes, spec: CompressionSpec, data: CompressionData, 
         )
 
     table = evaluate_all(original, produced, data, spec, progress, notes)
+    variants = [_with_evaluation(v, row) for v, row in zip(produced, table[1:], strict=True)]
     default = choose_default(table, spec.tolerance)
-    return PipelineResult(produced, default, table, notes)
+    return PipelineResult(variants, default, table, notes)
+
+
+def _quantize(
+    base: onnx.ModelProto,
+    base_name: str,
+    spec: CompressionSpec,
+    data: CompressionData,
+    progress: Progress,
+    notes: list[str],
+) -> list[ProducedVariant]:
+    """``int8`` (QDQ, what TensorRT consumes) and, when it earns its place, ``int8-cpu`` (ORT CPU's fast form)."""
+    from compression.evaluate import compare_latency
+    from compression.quantize import quantize_model
+
+    q = spec.quantize
+    assert q is not None
+    if data.calibration is None:
+        raise NeedsData(
+            "int8 calibration needs data: upload the version with a `calibration` .npz, or give one with the job"
+        )
+    progress("quantize", 0.0)
+    forms, qreport = quantize_model(
+        base,
+        data.calibration,
+        method=q.calibration,
+        tolerance=q.tolerance,
+        evaluation=data.evaluation,
+        progress=_sub(progress, "quantize"),
+        metric=spec.metric,
+    )
+    stage = {"quantize": _plain(qreport), "base": base_name}
+    qdq = forms["qdq"].SerializeToString()
+    cpu = forms["cpu"].SerializeToString() if "cpu" in forms and q.cpu_form != "never" else None
+    decision: dict[str, Any] | None = None
+    if cpu is not None:
+        decision = {"policy": q.cpu_form, "margin": CPU_FORM_MARGIN, "published": True}
+        if q.cpu_form == "auto":
+            # int8-cpu is a second int8 variant to store and load: it is kept only when it is measurably faster.
+            sample = data.evaluation or data.calibration
+            rounds = max(CPU_FORM_ROUNDS, spec.latency_runs)
+            timing = compare_latency(cpu, qdq, sample, rounds=rounds, threads=CPU_FORM_THREADS)
+            decision.update(timing.to_dict(), threads=CPU_FORM_THREADS, published=timing.faster(CPU_FORM_MARGIN))
+            notes.append(
+                f"int8-cpu {'published' if decision['published'] else 'not published'}: its latency is "
+                f"{timing.ratio:.3f}x int8's (95% interval {timing.low:.3f}-{timing.high:.3f}, {timing.rounds} "
+                f"interleaved rounds); it must be below {1 - CPU_FORM_MARGIN:.2f}"
+            )
+    extra = {} if decision is None else {"int8_cpu": decision}
+    out = [ProducedVariant("int8", "int8-qdq", qdq, qdq, copy.deepcopy({**stage, "form": "qdq", **extra}))]
+    if cpu is not None and decision is not None and decision["published"]:
+        out.append(ProducedVariant("int8-cpu", "int8-cpu", cpu, cpu, copy.deepcopy({**stage, "form": "cpu", **extra})))
+    return out
+
+
+def _with_evaluation(variant: ProducedVariant, row: dict[str, Any]) -> ProducedVariant:
+    """The variant with its own evaluation row added to a copy of its details."""
+    details = copy.deepcopy(variant.details)
+    details["evaluation"] = {k: copy.deepcopy(v) for k, v in row.items() if k not in ("variant", "kind")}
+    if isinstance(row.get("accuracy_delta"), int | float):
+        details["accuracy_delta"] = row["accuracy_delta"]
+    return ProducedVariant(variant.name, variant.kind, variant.stored, variant.runnable, details)
 
 
 def evaluate_all(
@@ -153,18 +190,20 @@ def evaluate_all(
     progress: Progress,
     notes: list[str],
 ) -> list[dict[str, Any]]:
+    """One row per candidate, the original first: size, ratio, sparsity, accuracy against it, latency."""
     from compression.evaluate import evaluate_variant, measure_latency, model_sparsity
 
     progress("evaluate", 0.0)
     sample = _latency_sample(original, data)
     rows: list[dict[str, Any]] = []
     candidates = [
-        ("original", "original", original, original, {}),
-        *[(v.name, v.kind, v.stored, v.runnable, v.details) for v in produced],
+        ("original", "original", original, original),
+        *[(v.name, v.kind, v.stored, v.runnable) for v in produced],
     ]
-    if data.evaluation is None:
+    evaluation = data.evaluation
+    if evaluation is None:
         notes.append("no held-out data: accuracy was not measured; the original stays the default")
-    for i, (name, kind, stored, runnable, details) in enumerate(candidates):
+    for i, (name, kind, stored, runnable) in enumerate(candidates):
         row: dict[str, Any] = {
             "variant": name,
             "kind": kind,
@@ -172,18 +211,17 @@ def evaluate_all(
             "compression_ratio": round(len(original) / max(1, len(stored)), 3),
             "sparsity": round(model_sparsity(onnx.load_from_string(runnable)), 4),
         }
-        if data.evaluation is not None and name != "original":
-            ev = evaluate_variant(original, runnable, data.evaluation, data.labels)
-            row["accuracy"] = ev.get("primary")
+        if evaluation is not None and name != "original":
+            ev = evaluate_variant(original, runnable, evaluation, evaluation.labels)
+            row["accuracy"] = _jsonable(ev.get("primary"))
             row["accuracy_delta"] = accuracy_delta(ev.get("primary") or {}, spec.metric)
         elif name == "original":
             row["accuracy_delta"] = 0.0
         row["latency"] = measure_latency(runnable, sample, batch_size=1, runs=spec.latency_runs)
-        if "encode" in details:
-            row["bits_per_weight"] = details["encode"].get("bits_per_weight_overall")
-        details["evaluation"] = {k: v for k, v in row.items() if k not in ("variant", "kind")}
-        if isinstance(row.get("accuracy_delta"), int | float):
-            details["accuracy_delta"] = row["accuracy_delta"]
+        if kind == "encoded":
+            row["bits_per_weight"] = (
+                next(v for v in produced if v.name == name).details["encode"].get("bits_per_weight_overall")
+            )
         rows.append(row)
         progress("evaluate", (i + 1) / len(candidates))
     return rows
@@ -213,9 +251,10 @@ def choose_default(table: list[dict[str, Any]], tolerance: float) -> str:
 
 
 def _latency_sample(original: bytes, data: CompressionData) -> dict[str, np.ndarray]:
+    """One batch to time: a held-out sample (the model's fixed batch size of them), or zeros without data."""
     source = data.evaluation or data.calibration
     if source is not None:
-        return {k: v[:1] for k, v in source.items()}
+        return next(source.batches(1))
     from backends.datatypes import numpy_dtype
     from backends.onnx_model import model_interface
 

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 
 from compression import onnx_graph as og
+from compression.calibration import Samples, check_feeds
+from compression.fold import fold_constants
 
 MAX_SPARSITY = 0.95
 MAX_OBS_COLUMNS = 8192  # a layer with more inputs than this (H would be > 512 MiB) falls back to magnitude
@@ -38,6 +40,7 @@ class PruneReport:
     skipped: list[dict] = field(default_factory=list)  # name, reason
     scope: str = "per_layer"
     calibration_samples: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,7 +163,7 @@ def prune_model(
     model: onnx.ModelProto,
     sparsity: float,
     pattern: Literal["unstructured", "2:4"] = "unstructured",
-    calibration: dict[str, np.ndarray] | None = None,
+    calibration: dict[str, np.ndarray] | Samples | None = None,
     scope: Literal["per_layer", "global"] = "per_layer",
     progress: Callable[[float], None] | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
@@ -168,12 +171,15 @@ def prune_model(
 
     With ``calibration`` (model input name -> array, samples on axis 0) layers are pruned and reconstructed
     one after another on the partially pruned model's activations; ``scope="global"`` then sets each layer's
-    sparsity from one global magnitude threshold. Without it, plain magnitude pruning.
+    sparsity from one global magnitude threshold. Without it, plain magnitude pruning. Weights computed by
+    constant subgraphs are folded into initializers first (``compression.fold``).
     """
     _check_args(sparsity, pattern, scope)
     sparsity = float(sparsity)
+    samples = check_feeds(model, calibration) if calibration is not None else None
+    folded, note = fold_constants(model)
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out.CopyFrom(folded)
     refs, skipped = og.linear_weights(out)
     if pattern == "2:4":
         keep = []
@@ -183,8 +189,10 @@ def prune_model(
             else:
                 keep.append(r)
         refs = keep
-    n_calib = og.check_feeds(out, calibration) if calibration is not None else 0
+    n_calib = samples.count if samples is not None else 0
     report = PruneReport(sparsity, pattern, scope=scope, skipped=skipped, calibration_samples=n_calib)
+    if note:
+        report.notes.append(note)
     if not refs or (sparsity == 0.0 and pattern == "unstructured"):
         report.overall_sparsity = _zeros_fraction([og.get_weight(out, r) for r in refs])
         if progress:
@@ -199,8 +207,8 @@ def prune_model(
     for i, (ref, w, target) in enumerate(zip(refs, originals, targets, strict=True)):
         h = None
         method = "magnitude"
-        if calibration is not None and w.shape[1] <= MAX_OBS_COLUMNS:
-            h, _ = og.hessian(out, ref, calibration)
+        if samples is not None and w.shape[1] <= MAX_OBS_COLUMNS:
+            h, _ = og.hessian(out, ref, samples)
             try:
                 if not np.isfinite(h).all():
                     raise np.linalg.LinAlgError("non-finite activations")
@@ -209,7 +217,7 @@ def prune_model(
             except np.linalg.LinAlgError as e:
                 method = f"magnitude (OBS failed: {e})"
                 h = None if not np.isfinite(h).all() else h
-        elif calibration is not None:
+        elif samples is not None:
             method = f"magnitude (more than {MAX_OBS_COLUMNS} inputs for OBS)"
         if not method.startswith("obs"):
             pruned = np.where(magnitude_mask(w, target, pattern), 0.0, w.astype(np.float64))

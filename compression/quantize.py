@@ -34,19 +34,15 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from compression.calibration import Samples, check_feeds
+from compression.fold import fold_constants
 from compression.metrics import compare, looks_like_classifier
 from compression.quantize_graph import (
-    Data,
     WeightNode,
     add_outputs,
-    check_data,
-    chunks,
-    fixed_batch,
     float_for_unquantized_consumers,
-    n_samples,
     name_nodes,
     smooth,
-    take,
     weight_nodes,
 )
 
@@ -97,10 +93,10 @@ CPU_FORM = _Form(activation_signed=platform.machine().lower() in ("arm64", "aarc
 
 def quantize_model(
     model: onnx.ModelProto,
-    calibration: dict[str, np.ndarray],
+    calibration: dict[str, np.ndarray] | Samples,
     method: Method = "minmax",
     tolerance: float | None = None,
-    evaluation: dict[str, np.ndarray] | None = None,
+    evaluation: dict[str, np.ndarray] | Samples | None = None,
     progress: Callable[[float], None] | None = None,
     *,
     metric: MetricName = "auto",
@@ -112,6 +108,8 @@ def quantize_model(
     ``calibration`` is held out): 1 - top-1 agreement with fp32 for a classifier ([N, C] first output), else
     1 - mean cosine of the first output; ``metric`` forces either ("top1" / "cosine"), e.g. for an embedding
     model whose [N, D] output is not class scores. Nodes are fallen back to float until the loss is within it.
+    Weights computed by constant subgraphs are folded into initializers first (``compression.fold``), and a
+    model with a fixed batch dimension is calibrated and scored that many samples at a time.
     """
     from onnxruntime.quantization import quantize_static
 
@@ -131,15 +129,18 @@ def quantize_model(
         raise ValueError(f"smooth_alpha must be 'auto', None or in (0, 1], got {smooth_alpha!r}")
     if not isinstance(model, onnx.ModelProto):
         raise ValueError("model must be an onnx.ModelProto")
-    calibration = check_data(model, calibration, "calibration")
+    calibration = check_feeds(model, calibration, "calibration")
     notes: list[str] = []
     if evaluation is None:
         calibration, evaluation, note = _hold_out(calibration)
         notes.append(note)
     else:
-        evaluation = check_data(model, evaluation, "evaluation")
+        evaluation = check_feeds(model, evaluation, "evaluation")
+    folded, note = fold_constants(model)
+    if note:
+        notes.append(note)
     base = onnx.ModelProto()
-    base.CopyFrom(model)
+    base.CopyFrom(folded)
     opset = next((o.version for o in base.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
     if opset < MIN_OPSET:  # per-channel QuantizeLinear/DequantizeLinear (the axis attribute) arrived in opset 13
         try:
@@ -161,8 +162,8 @@ class _Job:
         self,
         base: onnx.ModelProto,
         targets: list[WeightNode],
-        calibration: Data,
-        evaluation: Data,
+        calibration: Samples,
+        evaluation: Samples,
         method: Method,
         metric: MetricName,
         tmp: Path,
@@ -178,7 +179,6 @@ class _Job:
             notes,
         )
         self.calibration, self.evaluation = calibration, evaluation
-        self.batch = fixed_batch(base)
         self.value_info = {vi.name for vi in base.graph.value_info}
         self.large = base.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights go to external data
         self.reference = self._outputs(base, evaluation)
@@ -228,7 +228,7 @@ class _Job:
                 "outputs quantized: ONNX Runtime CPU fuses it into MatMulIntegerToFloat / QLinearConv"
             )
         self.notes.append(
-            f"{n_samples(self.calibration)} calibration / {n_samples(self.evaluation)} evaluation samples; "
+            f"{self.calibration.count} calibration / {self.evaluation.count} evaluation samples; "
             f"{self.builds} quantized models built"
         )
         return models, QuantReport(
@@ -316,10 +316,10 @@ class _Job:
         from onnxruntime.quantization import CalibrationDataReader, create_calibrator, save_tensors_data
 
         class Reader(CalibrationDataReader):
-            def __init__(self, batches: list[Data]) -> None:
+            def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
                 self.batches = iter(batches)
 
-            def get_next(self) -> Data | None:
+            def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self.batches, None)
 
         options: dict[str, Any] = {}
@@ -342,7 +342,7 @@ class _Job:
         wanted |= {n.output[0] for n in model.graph.node if n.op_type == "Conv" and n.name in names}
         if isinstance(getattr(calibrator, "tensors_to_calibrate", None), set | list | dict):
             calibrator.tensors_to_calibrate = {t for t in calibrator.tensors_to_calibrate if t in wanted}
-        batches = list(chunks(self.calibration, self.batch or CALIBRATION_BATCH))
+        batches = list(self.calibration.batches(CALIBRATION_BATCH))
         with _quiet():
             for i, batch in enumerate(batches):  # one batch per call: histogram calibrators hold a call's outputs
                 calibrator.collect_data(Reader([batch]))
@@ -394,7 +394,7 @@ class _Job:
         Path(f"{out}.data").unlink(missing_ok=True)
         return self._save(model, f"candidate-{self.builds}.onnx")
 
-    def _outputs(self, model: onnx.ModelProto | Path, data: Data) -> np.ndarray:
+    def _outputs(self, model: onnx.ModelProto | Path, data: Samples) -> np.ndarray:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -402,7 +402,7 @@ class _Job:
         source = str(model) if isinstance(model, Path) else model.SerializeToString()
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         first = session.get_outputs()[0].name
-        return np.concatenate([session.run([first], b)[0] for b in chunks(data, self.batch or EVAL_BATCH)])
+        return np.concatenate([session.run([first], b)[0] for b in data.batches(EVAL_BATCH)])
 
     def _channel_amax(self, nodes: list[WeightNode]) -> dict[str, np.ndarray]:
         """max |x| per last-axis channel of every smoothable activation, over the calibration set."""
@@ -414,7 +414,7 @@ class _Job:
         options.log_severity_level = 3
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         amax: dict[str, np.ndarray] = {}
-        for batch in chunks(self.calibration, self.batch or CALIBRATION_BATCH):
+        for batch in self.calibration.batches(CALIBRATION_BATCH):
             for name, value in zip(tensors, session.run(tensors, batch), strict=True):
                 a = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
                 amax[name] = np.maximum(amax[name], a) if name in amax else a
@@ -469,16 +469,18 @@ class _Progress:
             self.callback(fraction)
 
 
-def _hold_out(data: Data) -> tuple[Data, Data, str]:
-    n = n_samples(data)
-    if n < 2:
-        return data, data, "one calibration sample: evaluated on the calibration sample itself"
-    k = max(1, min(n // 5, MAX_HELD_OUT))
-    idx = np.random.default_rng(0).permutation(n)
+def _hold_out(data: Samples) -> tuple[Samples, Samples, str]:
+    """A fifth of the calibration batches (at most MAX_HELD_OUT samples) held out to measure accuracy."""
+    b = data.batch or 1
+    groups = data.count // b
+    if groups < 2:
+        return data, data, "one calibration batch: evaluated on the calibration samples themselves"
+    k = b * max(1, min(groups // 5, MAX_HELD_OUT // b))  # whole batches: a fixed batch size still divides
+    idx = np.random.default_rng(0).permutation(data.count)
     return (
-        take(data, np.sort(idx[k:])),
-        take(data, np.sort(idx[:k])),
-        f"no evaluation set given: held out {k} of {n} calibration samples to measure accuracy",
+        data.take(np.sort(idx[k:])),
+        data.take(np.sort(idx[:k])),
+        f"no evaluation set given: held out {k} of {data.count} calibration samples to measure accuracy",
     )
 
 

@@ -1,11 +1,10 @@
-"""Graph helpers for compression.quantize: weight ops, SmoothQuant, float consumers, chunked data.
+"""Graph helpers for compression.quantize: weight ops, SmoothQuant, float consumers.
 
 numpy + onnx only; the ONNX Runtime parts live in compression/quantize.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,84 +12,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
-_ONNX_TO_NUMPY = {
-    TensorProto.FLOAT: np.float32,
-    TensorProto.DOUBLE: np.float64,
-    TensorProto.FLOAT16: np.float16,
-    TensorProto.INT64: np.int64,
-    TensorProto.INT32: np.int32,
-    TensorProto.INT8: np.int8,
-    TensorProto.UINT8: np.uint8,
-    TensorProto.BOOL: np.bool_,
-}
-
-Data = dict[str, np.ndarray]
-
-
-# --- data ----------------------------------------------------------------------------------------------------
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The inputs a caller feeds: graph inputs that no initializer provides."""
-    inits = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the model insists on (a fixed first dimension of an input), or None when it is free."""
-    for vi in graph_inputs(model):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return int(dims[0].dim_value)
-    return None
-
-
-def check_data(model: onnx.ModelProto, data: Data, what: str) -> Data:
-    """Arrays for every model input, same sample count on axis 0, cast to the input's element type."""
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{what} is empty: give a dict of input name -> array with samples on axis 0")
-    inputs = graph_inputs(model)
-    names = {i.name for i in inputs}
-    missing = sorted(names - set(data))
-    unknown = sorted(set(data) - names)
-    if missing:
-        raise ValueError(f"{what} is missing model input(s) {missing}; the model takes {sorted(names)}")
-    if unknown:
-        raise ValueError(f"{what} has input(s) {unknown} that the model does not take ({sorted(names)})")
-    out: Data = {}
-    for vi in inputs:
-        arr = np.asarray(data[vi.name])
-        dtype = _ONNX_TO_NUMPY.get(vi.type.tensor_type.elem_type)
-        if dtype is not None and arr.dtype != dtype:
-            arr = arr.astype(dtype)
-        if arr.ndim == 0:
-            raise ValueError(f"{what}[{vi.name!r}] is a scalar; samples go on axis 0")
-        out[vi.name] = arr
-    counts = {k: len(v) for k, v in out.items()}
-    if len(set(counts.values())) != 1:
-        raise ValueError(f"{what} inputs disagree on the sample count (axis 0): {counts}")
-    n = next(iter(counts.values()))
-    if n == 0:
-        raise ValueError(f"{what} has no samples")
-    batch = fixed_batch(model)
-    if batch is not None and n % batch:
-        raise ValueError(f"the model takes batches of exactly {batch} (fixed first dimension); {what} has {n} samples")
-    return out
-
-
-def n_samples(data: Data) -> int:
-    return len(next(iter(data.values())))
-
-
-def take(data: Data, idx: np.ndarray) -> Data:
-    return {k: v[idx] for k, v in data.items()}
-
-
-def chunks(data: Data, batch: int) -> Iterator[Data]:
-    """Consecutive batches of at most ``batch`` samples."""
-    n = n_samples(data)
-    for i in range(0, n, batch):
-        yield {k: v[i : i + batch] for k, v in data.items()}
 
 
 # --- graph ---------------------------------------------------------------------------------------------------

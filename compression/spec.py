@@ -30,6 +30,12 @@ class QuantizeSpec(_Strict):
     tolerance: float | None = Field(
         None, ge=0.0, le=1.0, description="max accuracy loss; nodes fall back to float until within it"
     )
+    #: the CPU-tuned int8 form (`int8-cpu`): published when timed faster than `int8` beyond the noise
+    #: ("auto"), always, or never
+    cpu_form: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="publish int8-cpu: when measured faster than int8 beyond noise (auto), always, or never",
+    )
 
 
 class EncodeSpec(_Strict):

@@ -173,3 +173,68 @@ def split_by_sizes() -> bytes:
         [numpy_helper.from_array(np.array(0, np.int64), "zero")],
     )
     return _model(graph)
+
+
+
+
+def conv_net(batch: int | str = 1, seed: int = 0) -> bytes:
+    """x[batch, 3, 8, 8] -> Conv 3->16 -> Relu -> Conv 16->32 -> Relu -> GlobalAveragePool -> Flatten -> Gemm
+    -> logits[batch, 10]. An int ``batch`` fixes the batch dimension, as many exported vision models do."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    inits = {"c1.w": w(16, 3, 3, 3), "c1.b": w(16), "c2.w": w(32, 16, 3, 3), "fc.w": w(10, 32), "fc.b": w(10)}
+    nodes = [
+        helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Conv", ["b", "c2.w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["d"]),
+        helper.make_node("GlobalAveragePool", ["d"], ["e"]),
+        helper.make_node("Flatten", ["e"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return _model(graph)
+
+
+def computed_weights_mlp(in_dim: int = 32, hidden: int = 64, out_dim: int = 10, seed: int = 0) -> bytes:
+    """x[N, in] -> MatMul(Reshape(Constant)) -> Relu -> MatMul(Transpose(W)) -> Relu -> MatMul(ConstantOfShape)
+    -> y[N, out]: every weight is computed by a constant subgraph, as exporters often write them."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal(in_dim * hidden) / np.sqrt(in_dim)).astype(np.float32)  # flat: Reshape makes it 2-D
+    w2t = (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)  # stored transposed
+    nodes = [
+        helper.make_node("Constant", [], ["w1_flat"], value=numpy_helper.from_array(w1, "w1_flat")),
+        helper.make_node(
+            "Constant", [], ["w1_shape"], value=numpy_helper.from_array(np.array([in_dim, hidden], np.int64))
+        ),
+        helper.make_node("Reshape", ["w1_flat", "w1_shape"], ["w1"]),
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Relu", ["h0"], ["h1"]),
+        helper.make_node("Transpose", ["w2t"], ["w2"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h1", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Relu", ["h2"], ["h3"]),
+        helper.make_node(
+            "ConstantOfShape", ["w3_shape"], ["w3"], value=numpy_helper.from_array(np.array([0.05], np.float32))
+        ),
+        helper.make_node("MatMul", ["h3", "w3"], ["y"], name="fc3"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "computed_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", in_dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_dim])],
+        [
+            numpy_helper.from_array(w2t, "w2t"),
+            numpy_helper.from_array(np.array([hidden, out_dim], np.int64), "w3_shape"),
+        ],
+    )
+    return _model(graph)

@@ -12,13 +12,13 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from backends import TensorSpec
+from compression.calibration import CalibrationError, fixed_batch, holdout_sizes, parse_npz
 from compression.spec import CompressionSpec
 from model_store import JobRecord, QueueFull
 from service.auth import require_admin
 from service.errors import BadRequest, TooManyRequests, Unprocessable
 from service.routes.common import ctx_of, errors, store_call
 from service.routes.management import read_form
-from service.uploads import check_calibration
 from service.views import version_view
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_admin)])
@@ -107,11 +107,18 @@ async def compress(request: Request, name: str, version: int) -> JSONResponse:
     record = await store_call(ctx.store.catalog.get_version, name, version)
     original = record.variant("original")
     stored = spec.model_dump(exclude_none=True)
+    assert original is not None
+    # the upload recorded the inputs: no need to read and parse the model on the request path
+    inputs = [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in original.details["inputs"]]
+    samples: int | None = original.details.get("calibration_samples") if record.calibration_sha256 else None
+    try:
+        if calibration is not None:
+            samples = (await asyncio.to_thread(parse_npz, calibration, inputs)).count
+        if samples is not None:  # the job holds some samples out to measure accuracy: both parts must run
+            holdout_sizes(samples, fixed_batch(inputs), spec.holdout_fraction)
+    except CalibrationError as e:
+        raise BadRequest(str(e)) from None
     if calibration is not None:
-        assert original is not None
-        # the upload recorded the inputs: no need to read and parse the model on the request path
-        inputs = [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in original.details["inputs"]]
-        await asyncio.to_thread(check_calibration, calibration, inputs)
         stored["calibration_sha256"] = await asyncio.to_thread(ctx.store.blobs.put_bytes, calibration)
     elif spec.quantize is not None and record.calibration_sha256 is None:
         raise Unprocessable(

@@ -21,7 +21,7 @@ def test_run_model_batches_like_one_run(digits_bytes: bytes, digits_data) -> Non
         np.testing.assert_allclose(out["logits"], whole, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="batch_size"):
         run_model(digits_bytes, feeds, batch_size=0)
-    with pytest.raises(ValueError, match="lacks model input"):
+    with pytest.raises(ValueError, match=r"named after the model's inputs \['input'\]; missing: \['input'\]"):
         run_model(digits_bytes, {"x": digits_data.x_test[:4]})
 
 

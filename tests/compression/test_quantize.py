@@ -352,11 +352,11 @@ def test_bad_arguments(trained: Trained) -> None:
             quantize_model(model, cal, tolerance=tol)
     with pytest.raises(ValueError, match="empty"):
         quantize_model(model, {})
-    with pytest.raises(ValueError, match="missing model input"):
+    with pytest.raises(ValueError, match=r"missing: \['x'\]"):
         quantize_model(model, {"y": trained.x_calib})
     with pytest.raises(ValueError, match="no samples"):
         quantize_model(model, {"x": trained.x_calib[:0]})
-    with pytest.raises(ValueError, match="evaluation is missing"):
+    with pytest.raises(ValueError, match=r"evaluation arrays must be named after the model's inputs"):
         quantize_model(model, cal, evaluation={"z": trained.x_eval})
     relu_only = _model(
         [helper.make_node("Relu", ["x"], ["logits"])],
