@@ -175,8 +175,6 @@ def split_by_sizes() -> bytes:
     return _model(graph)
 
 
-
-
 def conv_net(batch: int | str = 1, seed: int = 0) -> bytes:
     """x[batch, 3, 8, 8] -> Conv 3->16 -> Relu -> Conv 16->32 -> Relu -> GlobalAveragePool -> Flatten -> Gemm
     -> logits[batch, 10]. An int ``batch`` fixes the batch dimension, as many exported vision models do."""
