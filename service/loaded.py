@@ -104,8 +104,12 @@ class LoadedVariants:
             )
         return served
 
-    def _missing(self, model: str, number: int | None) -> NotFound:
+    def _missing(self, model: str, number: int | None) -> NotFound | Unavailable:
         what = f"model {model!r}" + (f" version {number}" if number is not None else "")
+        failed = [(k, f) for k, f in self._failures.items() if k[0] == model and number in (None, k[1])]
+        if failed:  # known, but none of its variants loaded: the server's state, not an unknown name
+            (_, n, variant), f = max(failed, key=lambda kf: kf[0][1])
+            return Unavailable(f"{what} failed to load (variant {variant!r} of version {n}: {f.reason})")
         return NotFound(f"{what} is not loaded (unknown, unloaded or still loading)")
 
     def versions_of(self, model: str) -> list[int]:
