@@ -72,3 +72,7 @@ class Unavailable(ApiError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
         super().__init__(message, headers)
+
+
+class SetupError(RuntimeError):
+    """The server cannot run as installed or configured (raised at start, never for a request)."""

@@ -10,7 +10,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.requests import ClientDisconnect
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from service import __version__
 from service.auth import require_inference
@@ -164,6 +165,17 @@ def raw_infer_routes() -> list[Route]:
         return await infer(request, params["model_name"], params.get("model_version"))
 
     return [
-        Route("/v2/models/{model_name}/infer", endpoint, methods=["POST"]),
-        Route("/v2/models/{model_name}/versions/{model_version}/infer", endpoint, methods=["POST"]),
+        _NamedRoute("/v2/models/{model_name}/infer", endpoint, methods=["POST"]),
+        _NamedRoute("/v2/models/{model_name}/versions/{model_version}/infer", endpoint, methods=["POST"]),
     ]
+
+
+class _NamedRoute(Route):
+    """A Starlette route that records itself in the scope as FastAPI's do (``scope["route"]``), so error
+    handlers can name the route (the client-abort counter's label)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            child["route"] = self
+        return match, child
