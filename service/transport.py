@@ -148,18 +148,16 @@ class GuardedH11Protocol(_Guard, H11Protocol):
             return
         if self.conn.their_state is h11.IDLE:  # no request head parsed yet: these are head bytes
             self._head_bytes += len(data)
-            self._arm()
         super().data_received(data)
         if self._refused:
             return
-        if self.conn.their_state is h11.IDLE:
-            if self._head_bytes > self.limits.max_bytes:
-                self._refuse(
-                    431, "header_bytes", f"the request headers are over the {self.limits.max_bytes}-byte limit"
-                )
-        else:  # the head is complete (or the connection failed)
+        if self.conn.their_state is not h11.IDLE:  # the head is complete (or the connection failed)
             self._disarm()
             self._head_bytes = 0
+        elif self._head_bytes > self.limits.max_bytes:
+            self._refuse(431, "header_bytes", f"the request headers are over the {self.limits.max_bytes}-byte limit")
+        elif self._head_bytes:
+            self._arm()
 
     def send_400_response(self, msg: str) -> None:
         if self._refused:
@@ -193,11 +191,15 @@ if HttpToolsProtocol is not None:  # the class derives from it: defined only whe
             if self._refused:
                 return  # draining until the linger period ends
             if self._awaiting_head:
-                self._head_bytes += len(data)  # all head bytes while the head is incomplete (checked below)
-                self._arm()
+                self._head_bytes += len(data)  # all head bytes if the head is still incomplete after this read
             super().data_received(data)
-            if self._awaiting_head and not self._refused and self._head_bytes > self.limits.max_bytes:
-                self._refuse_size()
+            # A head that arrived whole in this read needs no timer (the common case costs nothing); one still
+            # incomplete is checked against the cap and timed from here (or from the connection's opening).
+            if self._awaiting_head and self._head_bytes and not self._refused:
+                if self._head_bytes > self.limits.max_bytes:
+                    self._refuse_size()
+                else:
+                    self._arm()
 
         def send_400_response(self, msg: str) -> None:
             if not self._refused:  # the parser may trip over the rest of a refused head: it was answered already
