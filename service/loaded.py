@@ -250,8 +250,12 @@ class LoadedVariants:
                     self._retire(sv)
 
     def _retire(self, sv: ServedVariant) -> None:
-        sv.metrics.ready.set(0)
-        self.metrics.forget(sv.metrics)
+        # A replacement with the same labels (an upload installing what a sync loaded a moment before) shares
+        # the metric series: they are its now, not to be zeroed or removed.
+        labels = sv.metrics.labels
+        if not any(o.metrics.labels == labels for ver in self._versions.values() for o in ver.variants.values()):
+            sv.metrics.ready.set(0)
+            self.metrics.forget(sv.metrics)
         # Stop in a thread: joining workers that are finishing a batch must not block the loop.
         asyncio.get_running_loop().run_in_executor(None, sv.scheduler.stop)
 

@@ -19,6 +19,7 @@ from service.dataplane import DataPlane
 from service.errors import ApiError, BadRequest, InternalError, NotFound, Unavailable
 from service.loaded import LoadedVariants, ServedVariant
 from service.metrics import Metrics
+from service.model_config import ModelConfig
 from service.scheduler import QueueFull, QueueTimeout
 from service.settings import Settings
 from service.triton_views import describe, model_metadata, triton_config
@@ -188,3 +189,19 @@ def test_views_of_a_real_loaded_cpu_variant(served: Served) -> None:
     assert cfg["platform"] == "onnxruntime_onnx" and cfg["instance_group"][0]["kind"] == "KIND_CPU"
     assert [t["name"] for t in cfg["output"]] == ["probs", "logits"] and cfg["input"][0]["dims"] == [4]
     assert model_metadata(d, "mlp", [1])["platform"] == "onnxruntime_onnx"
+
+
+def test_replacing_a_variant_with_an_equal_one_keeps_its_metrics(served: Served) -> None:
+    """An upload installs the variant it loaded; a catalogue sync that ran first may have loaded the same one.
+    The replaced copy shares the new one's metric series (same labels): retiring it must not remove them."""
+    old = served.plane.resolve("mlp", None)
+    record = served.store.catalog.get_version("mlp", 1)
+    data = served.store.blobs.get_bytes(record.variants[0].runnable_sha256)
+    instances = served.loaded.build_instances(data, ModelConfig())
+    served.loop.run_until_complete(served.loaded.install(record, {"original": (instances, 0.1)}))
+    new = served.plane.resolve("mlp", None)
+    assert new is not old
+    _infer(served, new, np.ones((1, 4), np.float32))
+    assert served.sample("slimserve_requests_total", new, outcome="success") == 1
+    assert served.sample("slimserve_request_duration_seconds_count", new) == 1
+    assert served.sample("slimserve_variant_ready", new) == 1
