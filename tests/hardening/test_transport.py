@@ -8,6 +8,7 @@ covered: httptools (installed) and h11 (the fallback, with httptools hidden by a
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server, ServerFactory, upload
+from tests.hardening.helpers import rss_bytes
 from tests.onnx_models import mlp
 
 MAX_HEADER_BYTES = 2048
@@ -99,6 +101,26 @@ def test_an_oversized_header_is_refused_with_431(edge: Server, size: int) -> Non
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"2048-byte limit" in answer
     assert _refused(edge, "header_bytes") == before + 1
+
+
+def test_a_16_mib_header_is_refused_without_being_buffered(edge: Server) -> None:
+    """The head is counted read by read: the server answers 431 after the first reads and drops the rest, so
+    its peak memory does not grow by the header's size (it did by 15 MB before the cap)."""
+    assert edge.proc is not None
+    peak_before = rss_bytes(edge.proc.pid, "VmHWM")
+    with _connect(edge) as sock:
+
+        def send() -> None:
+            with contextlib.suppress(OSError):  # the server may close before the last byte: that is the point
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (16 << 20) + b"\r\n\r\n")
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        answer = _read_until_closed(sock)
+        sender.join(DEADLINE_S)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    growth = rss_bytes(edge.proc.pid, "VmHWM") - peak_before
+    assert growth < 4 << 20, f"peak RSS grew by {growth >> 10} KiB"
 
 
 def test_a_head_split_over_many_small_headers_counts_every_byte(edge: Server) -> None:
