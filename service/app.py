@@ -10,12 +10,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from backends import BackendUnavailable, require_onnxruntime
 from service import __version__
 from service.context import AppContext
-from service.errors import ApiError
+from service.errors import ApiError, SetupError
 from service.job_processes import JobProcessPool
 from service.settings import Settings
 
@@ -23,6 +25,11 @@ log = logging.getLogger("slimserve")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for ``settings``. Raises ``SetupError`` when no ONNX Runtime is installed."""
+    try:
+        require_onnxruntime()
+    except BackendUnavailable as e:
+        raise SetupError(str(e)) from None
     settings = settings or Settings()
     ctx = AppContext.build(settings)
 
@@ -76,6 +83,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
         return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_abort(request: Request, _: ClientDisconnect) -> Response:
+        """The client went away mid-request: its fault and nobody's error. One line, one count; the answer
+        below reaches no one (the server drops writes to a closed connection)."""
+        route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+        ctx.metrics.client_aborts.labels(route).inc()
+        client = request.client
+        log.info(
+            "client %s disconnected before sending its whole request: %s %s",
+            f"{client.host}:{client.port}" if client else "?",
+            request.method,
+            route,
+        )
+        return Response(status_code=499)  # nginx's "client closed request", for anything that does see it
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ from typing import Annotated
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -46,13 +48,21 @@ def serve(
 ) -> None:
     """Run the HTTP server (SQLite + local directory + ONNX Runtime CPU unless configured otherwise)."""
     from service.app import create_app
+    from service.errors import SetupError
     from service.server import serve as run_server
     from service.settings import Settings
 
     overrides = {k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v is not None}
     settings = Settings(**overrides)
+    # slimserve's own loggers (uvicorn configures only its own): one line per event, at the configured level
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app_ = create_app(settings)
+    except SetupError as e:
+        console.print(f"[red]slimserve cannot start:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     console.print(f"slimserve on http://{settings.host}:{settings.port}  store: {settings.data_dir.resolve()}")
-    run_server(create_app(settings), settings)
+    run_server(app_, settings)
 
 
 @app.command()
@@ -112,13 +122,18 @@ def worker(
     parent_pid: Annotated[int | None, typer.Option(help="exit when this process is gone")] = None,
 ) -> None:
     """Run compression jobs from the catalogue (several workers may share one catalogue safely)."""
-    import logging
     import signal
     import threading
 
+    from backends import BackendUnavailable, require_onnxruntime
     from compression.worker import JobWorker
     from service.settings import Settings
 
+    try:
+        require_onnxruntime()
+    except BackendUnavailable as e:
+        console.print(f"[red]slimserve worker cannot start:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     settings = Settings()
     store = settings.open_store()

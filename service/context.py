@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model_store import ModelStore
+from service.dataplane import DataPlane
 from service.loaded import LoadedVariants
 from service.metrics import Metrics
 from service.settings import Settings
@@ -16,6 +17,7 @@ class AppContext:
     store: ModelStore
     metrics: Metrics
     loaded: LoadedVariants
+    plane: DataPlane
     shutting_down: bool = False
     background: set[object] = field(default_factory=set)
 
@@ -24,4 +26,5 @@ class AppContext:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = settings.open_store()
         metrics = Metrics()
-        return cls(settings, store, metrics, LoadedVariants(settings, store, metrics))
+        loaded = LoadedVariants(settings, store, metrics)
+        return cls(settings, store, metrics, loaded, DataPlane(loaded))

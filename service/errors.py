@@ -1,7 +1,8 @@
 """One error type carrying its HTTP status, rendered as {"error": "..."} by one handler.
 
 Domain errors from the lower layers (store, backends) are mapped here, so those layers stay free of
-HTTP. Status codes follow Triton's HTTP mapping: invalid argument 400, not found 404, unavailable 503.
+HTTP. Status codes follow Triton's HTTP mapping: invalid argument 400, not found 404, internal 500,
+unavailable 503. A 4xx blames the caller, a 5xx the server: a runtime failure is never a 400.
 """
 
 from __future__ import annotations
@@ -58,9 +59,20 @@ class TooManyRequests(ApiError):
         super().__init__(message, {"Retry-After": str(max(1, round(retry_after)))})
 
 
+class InternalError(ApiError):
+    """The server failed (the runtime, a model that does not fit its own config, our code): never the caller's
+    fault. The message says what failed, without a traceback."""
+
+    status = 500
+
+
 class Unavailable(ApiError):
     status = 503
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
         super().__init__(message, headers)
+
+
+class SetupError(RuntimeError):
+    """The server cannot run as installed or configured (raised at start, never for a request)."""

@@ -112,6 +112,22 @@ class Metrics:
             registry=r,
         )
 
+        self.client_aborts = Counter(
+            "slimserve_client_aborts_total",
+            "Requests whose client disconnected before the server had read the whole request.",
+            ("route",),
+            registry=r,
+        )
+        self.http_refused = Counter(
+            "slimserve_http_refused_total",
+            "Connections refused before a request reached the app "
+            "(header_bytes, header_count: 431; header_timeout: 408 or closed).",
+            ("reason",),
+            registry=r,
+        )
+        for reason in ("header_bytes", "header_count", "header_timeout"):
+            self.http_refused.labels(reason)
+
     def bind(self, model: str, version: int, variant: str, backend: str) -> VariantMetrics:
         lv = (model, str(version), variant, backend)
         return VariantMetrics(

@@ -7,6 +7,11 @@ outputs) up to ``max_batch_size``, optionally waiting up to ``max_queue_delay`` 
 With a delay of 0 (the default) nothing waits: a batch forms only from requests that queued while the
 instances were busy, so an idle server answers at single-request latency and a loaded one batches.
 
+Failures are blamed as Triton and KServe blame them: a runtime that refuses the caller's values
+(``InvalidInput``) answers 400; any other runtime failure, or outputs that cannot be split back into the
+merged requests, answers 500. Outcomes (success, rejected, timeout, ...) are counted by the data plane,
+which sees every request end; the scheduler records queue, compute and batch-size metrics.
+
 Written by hand rather than taken from a library: no maintained Python package batches numpy requests
 across threads with Triton's semantics (preferred sizes, per-request timeouts, shape-aware grouping).
 """
@@ -23,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from backends import Backend, BackendError, InvalidInput
-from service.errors import ApiError, BadRequest, Unavailable
+from backends import Backend, InvalidInput
+from service.errors import BadRequest, InternalError, Unavailable
 from service.metrics import VariantMetrics
 
 
@@ -166,7 +171,6 @@ class Scheduler:
             if self._stopped:
                 raise Unavailable("the model is being unloaded", retry_after=1)
             if len(self._queue) >= self.config.max_queue_size:
-                self.metrics.rejected.inc()
                 raise QueueFull(
                     f"the queue of {self.label} is full ({self.config.max_queue_size} requests)", retry_after=1
                 )
@@ -235,7 +239,6 @@ class Scheduler:
         live: list[_Pending] = []
         for p in batch:
             if p.deadline_ns is not None and start > p.deadline_ns:
-                m.timeout.inc()
                 _resolve(p, exc=QueueTimeout("the request timed out in the queue", retry_after=1))
             else:
                 live.append(p)
@@ -251,17 +254,13 @@ class Scheduler:
             t_inf = time.perf_counter_ns()
             parts = [outs] if len(live) == 1 else _split(outs, [p.rows for p in live])
             t_out = time.perf_counter_ns()
-        except InvalidInput as e:
+        except InvalidInput as e:  # the runtime refused the caller's values: the caller's fault
             for p in live:
                 _resolve(p, exc=BadRequest(f"the model refused the input: {e}"))
             return
-        except (BackendError, ApiError, ValueError) as e:
+        except Exception as e:  # the runtime failed, or the outputs do not split: ours; never kill the thread
             for p in live:
-                _resolve(p, exc=e if isinstance(e, ApiError) else BadRequest(str(e)))
-            return
-        except Exception as e:  # the runtime must never take an instance thread down
-            for p in live:
-                _resolve(p, exc=Unavailable(f"inference failed: {type(e).__name__}: {e}"))
+                _resolve(p, exc=InternalError(_describe(e)))
             return
         n = len(live)
         rows = sum(p.rows for p in live)
@@ -302,13 +301,28 @@ class Scheduler:
             b.unload()
 
 
+class SplitError(RuntimeError):
+    """A batched output does not have one row per input row: the model does not batch as its config says."""
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, SplitError):
+        return str(e)
+    text = str(e).strip()
+    first = text.splitlines()[0][:500] if text else type(e).__name__
+    return f"inference failed: {first}"
+
+
 def _split(outs: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
     total = sum(rows)
     bounds = np.cumsum([0, *rows])
     parts: list[dict[str, np.ndarray]] = [{} for _ in rows]
     for name, arr in outs.items():
         if arr.ndim == 0 or arr.shape[0] != total:
-            raise BadRequest(f"output {name!r} has no batch dimension; set max_batch_size 0 for this model")
+            raise SplitError(
+                f"output {name!r} of a merged batch of {total} rows has shape {list(arr.shape)}, not one row per "
+                "input row: the model does not batch along its first dimension (set max_batch_size 0 for it)"
+            )
         for i in range(len(rows)):
             parts[i][name] = arr[bounds[i] : bounds[i + 1]]
     return parts

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.settings import Settings
+from service.transport import HeaderLimits, protocol_class
 
 MANAGEMENT_PREFIXES = ("/v1/", "/v2/repository", "/docs", "/redoc", "/openapi.json")
 
@@ -69,12 +70,19 @@ def serve(app: FastAPI, settings: Settings) -> None:
         if extra and extra not in ports:
             ports.append(extra)
     asgi: Any = PortGuard(app, settings) if len(ports) > 1 else app
+    refused = app.state.ctx.metrics.http_refused
+    protocol = protocol_class(
+        HeaderLimits(settings.max_header_bytes, settings.max_headers, settings.header_timeout_s),
+        lambda reason: refused.labels(reason).inc(),
+    )
     servers = [
         _Server(
             uvicorn.Config(
                 asgi,
                 host=settings.host,
                 port=port,
+                http=protocol,
+                timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type] # a float works
                 log_level=settings.log_level,
                 access_log=False,
                 lifespan="on" if i == 0 else "off",

@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     max_infer_body_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     #: elements in one input tensor of an inference request
     max_tensor_elements: int = Field(1 << 28, ge=1)
+    #: request head (request line and headers) cap, and header-field count cap: 431 beyond them
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=4)
+    #: a connection whose request headers are not complete this long after it opened (or after the first byte
+    #: of a later request) is answered 408 and closed; one that sends nothing is closed
+    header_timeout_s: float = Field(10.0, gt=0)
+    #: an idle kept-alive connection is closed after this long
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
     #: compression jobs queued or running at once; more are refused with 429
     max_pending_jobs: int = Field(16, ge=1)
 

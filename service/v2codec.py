@@ -5,6 +5,11 @@ A request body is a JSON object, optionally followed by raw tensor bytes; the
 numpy arrays that view the request body (no copy). Outputs go back as JSON ``data`` or, when asked for
 (``binary_data`` per output, or ``binary_data_output`` for all), as raw bytes after the JSON header.
 Decoding is hand-written, not pydantic: it is the hot path and the checks are specific to the model.
+
+JSON ``data`` is strict: numeric datatypes take JSON numbers only (no strings, booleans or null), integer
+datatypes take integers only, BOOL takes true/false only, and a value the datatype cannot hold is refused
+(400) rather than wrapped or turned into infinity. Floats are rounded to the nearest value of the datatype
+(0.1 is not exact in FP32); a value that would round to infinity is out of range.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import gzip
 import math
 import zlib
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -20,10 +26,19 @@ import orjson
 
 from backends import TensorSpec
 from backends.datatypes import NUMPY_TO_V2, V2_TO_NUMPY
-from service.errors import BadRequest, PayloadTooLarge
+from service.errors import BadRequest, InternalError, PayloadTooLarge
 
 HEADER_LENGTH = "inference-header-content-length"
 MAX_JSON_DEPTH = 64
+
+#: integer datatypes: the closed range of JSON integers each accepts
+INT_RANGES: dict[str, tuple[int, int]] = {
+    name: (int(np.iinfo(dt).min), int(np.iinfo(dt).max)) for name, dt in V2_TO_NUMPY.items() if dt.kind in "iu"
+}
+_NUMBERS = frozenset({int, float})
+#: FP16 and FP32: the magnitude from which a value rounds to infinity, i.e. the largest finite value plus half a
+#: step (a tie rounds to even, which is infinity): 65504 + 16, and 2^128 - 2^104 + 2^103
+FLOAT_LIMITS: dict[str, float] = {"FP16": 65520.0, "FP32": 2.0**128 - 2.0**103}
 
 
 @dataclass(slots=True)
@@ -188,26 +203,62 @@ def _decode_tensor(
         raise BadRequest(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
     if not isinstance(data, list):
         data = [data]
-    try:
-        arr = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as e:
-        raise BadRequest(f"input {name!r}: 'data' does not hold {datatype} values ({e})") from None
-    if datatype == "BOOL" and not _all_bools(data):
-        raise BadRequest(f"input {name!r}: BOOL data must be true/false")
+    arr = _json_values(name, datatype, dtype, data)
     if arr.size != count:
         raise BadRequest(f"input {name!r}: 'data' has {arr.size} elements but shape {shape} needs {count}")
     return arr.reshape(shape), 0
 
 
-def _all_bools(data: list[Any]) -> bool:
-    stack = [data]
-    while stack:
-        for x in stack.pop():
-            if isinstance(x, list):
-                stack.append(x)
-            elif not isinstance(x, bool):
-                return False
-    return True
+def _json_values(name: str, datatype: str, dtype: np.dtype, data: list[Any]) -> np.ndarray:
+    """JSON ``data`` (a flat list, or regularly nested lists) as a flat array of ``dtype``, strictly (see the
+    module docstring). The JSON values' own types are checked before numpy sees them: numpy would turn
+    ``true`` into 1.0 and ``"1.5"`` into 1.5 without a word."""
+    flat = data
+    types = set(map(type, flat))
+    while list in types:  # one pass per nesting level, in C (chain, map), not one Python call per element
+        if len(types) > 1 or len(set(map(len, flat))) > 1:
+            raise BadRequest(f"input {name!r}: 'data' must be a flat list, or nested lists of equal lengths")
+        flat = list(chain.from_iterable(flat))
+        types = set(map(type, flat))
+    if datatype == "BOOL":
+        if types - {bool}:
+            raise BadRequest(f"input {name!r}: BOOL data must be JSON true/false")
+        return np.array(flat, dtype=dtype)
+    if types - _NUMBERS:  # type() is exact: bool, a subclass of int, is not a number here
+        raise BadRequest(f"input {name!r}: {datatype} data must be JSON numbers (not strings, booleans or null)")
+    bounds = INT_RANGES.get(datatype)
+    if bounds is not None:
+        lo, hi = bounds
+        if float in types:
+            raise BadRequest(f"input {name!r}: {datatype} data must be JSON integers from {lo} to {hi}")
+        try:  # exact 64-bit integers first (numpy raises on a Python int beyond them), then the type's range
+            raw = np.asarray(flat, dtype=np.uint64 if lo == 0 else np.int64)
+        except OverflowError:
+            raw = None
+        if raw is None or (raw.size and (raw.min() < lo or raw.max() > hi)):
+            raise BadRequest(f"input {name!r}: {datatype} data must be JSON integers from {lo} to {hi}")
+        return raw.astype(dtype, copy=False)
+    limit = FLOAT_LIMITS.get(datatype)
+    if limit is None:
+        return np.asarray(flat, dtype=dtype)  # FP64: orjson already refuses numbers beyond it
+    if len(flat) <= 32:  # small requests: two Python calls cost less than numpy's per-call overhead
+        if flat and (max(flat) >= limit or min(flat) <= -limit):
+            raise _out_of_range(name, datatype, flat, limit)
+        return np.asarray(flat, dtype=dtype)
+    with np.errstate(over="ignore"):  # a value past the range becomes inf: refused just below
+        arr = np.asarray(flat, dtype=dtype)
+    if np.isinf(arr).any():
+        raise _out_of_range(name, datatype, flat, limit)
+    return arr
+
+
+def _out_of_range(name: str, datatype: str, flat: list[Any], limit: float) -> BadRequest:
+    bad = next(x for x in flat if abs(x) >= limit)
+    biggest = float(np.finfo(V2_TO_NUMPY[datatype]).max)
+    return BadRequest(
+        f"input {name!r}: {bad:g} is out of the {datatype} range (it would round to infinity; "
+        f"the largest finite {datatype} is {biggest:g})"
+    )
 
 
 def _decode_outputs(
@@ -253,8 +304,8 @@ def encode_response(
     for name in order:
         arr = outputs[name]
         dt = NUMPY_TO_V2.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
-        if dt is None:
-            raise BadRequest(f"output {name!r} has a datatype ({arr.dtype}) the protocol cannot carry")
+        if dt is None:  # the model's own output: the server's problem, not the caller's
+            raise InternalError(f"output {name!r} has a datatype ({arr.dtype}) the protocol cannot carry")
         entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
         if binary.get(name, binary_default):
             raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))

@@ -236,3 +236,17 @@ def computed_weights_mlp(in_dim: int = 32, hidden: int = 64, out_dim: int = 10, 
         ],
     )
     return _model(graph)
+
+
+def batch_collapsing() -> bytes:
+    """x[N, 4] -> y = sum over the batch, keepdims: [1, 4], declared [N, 4]. It runs, but does not batch as its
+    declared shapes promise: a merged batch of two requests gets one output row back."""
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+        "collapse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [axes],
+    )
+    return _model(graph)

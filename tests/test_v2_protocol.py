@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 
@@ -11,7 +12,14 @@ import orjson
 import pytest
 
 from tests.conftest import upload
-from tests.onnx_models import IDENTITY_TYPES, fixed_shape_add, identity_all_types, mlp, mlp_reference
+from tests.onnx_models import (
+    IDENTITY_TYPES,
+    batch_collapsing,
+    fixed_shape_add,
+    identity_all_types,
+    mlp,
+    mlp_reference,
+)
 
 NP = {
     "FP32": np.float32,
@@ -249,6 +257,73 @@ def test_bad_infer_requests(
     r = client.post("/v2/models/v2-mlp/infer", content=body, headers=headers)
     assert r.status_code == status, (case, r.text)
     assert message in r.json()["error"], r.json()
+
+
+def _all_types_body(override: str, data: list[object]) -> dict[str, object]:
+    valid = {"BOOL": [True, False, True]}
+    inputs = [
+        {"name": f"in_{t}", "shape": [1, 3], "datatype": t, "data": data if t == override else valid.get(t, [1, 2, 3])}
+        for t in IDENTITY_TYPES
+    ]
+    return {"inputs": inputs}
+
+
+STRICT_JSON = [
+    ("FP32", ["NaN", 1, 2], "JSON numbers"),
+    ("FP32", ["1.5", 1, 2], "JSON numbers"),
+    ("FP32", [True, 1.0, 2.0], "JSON numbers"),
+    ("FP32", [None, 1, 2], "JSON numbers"),
+    ("FP32", [1e39, 1, 2], "out of the FP32 range"),
+    ("FP16", [70000, 1, 2], "out of the FP16 range"),
+    ("FP64", ["Infinity", 1, 2], "JSON numbers"),
+    ("UINT8", [300, 1, 2], "JSON integers from 0 to 255"),
+    ("UINT8", [-1, 1, 2], "JSON integers from 0 to 255"),
+    ("INT8", [1.5, 1, 2], "JSON integers from -128 to 127"),
+    ("INT64", [False, 1, 2], "JSON numbers"),
+    ("BOOL", [1, 0, 1], "true/false"),
+]
+
+
+@pytest.mark.parametrize(("datatype", "data", "message"), STRICT_JSON, ids=[f"{c[0]}-{c[1][0]}" for c in STRICT_JSON])
+def test_json_tensor_values_are_strict(
+    client: httpx.Client, models: None, datatype: str, data: list[object], message: str
+) -> None:
+    assert client.post("/v2/models/v2-types/infer", json=_all_types_body("FP32", [1.5, 2, 3])).status_code == 200
+    r = client.post("/v2/models/v2-types/infer", json=_all_types_body(datatype, data))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert f"in_{datatype}" in error and message in error, error
+
+
+def test_a_model_that_does_not_batch_as_declared_is_a_server_error(server, client: httpx.Client) -> None:  # type: ignore[no-untyped-def]
+    """Its outputs cannot be split back into the merged requests: the server's (the model's) fault, 500,
+    counted as server_error and logged once per request with the variant, never blamed on the client."""
+    config = {"max_batch_size": 8, "batching": {"max_queue_delay_us": 10_000_000, "preferred_batch_sizes": [2]}}
+    assert upload(client, "v2-collapse", batch_collapsing(), config=json.dumps(config)).status_code == 201
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+
+    async def two_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            return list(await asyncio.gather(*(c.post("/v2/models/v2-collapse/infer", json=body) for _ in range(2))))
+
+    # the first request waits for a second (preferred size 2, delay 10 s): the two form one batch
+    responses = asyncio.run(two_at_once())
+    for r in responses:
+        assert r.status_code == 500, r.text
+        assert "one row per input row" in r.json()["error"] and "Traceback" not in r.text
+    text = client.get("/metrics").text
+
+    def count(outcome: str) -> float:
+        for line in text.splitlines():
+            if line.startswith("slimserve_requests_total{") and all(
+                f in line for f in ('model="v2-collapse"', f'outcome="{outcome}"')
+            ):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    assert count("server_error") == 2 and count("client_error") == 0 and count("success") == 0
+    log = server.log.read_text()
+    assert sum("v2-collapse:original version 1" in line for line in log.splitlines()) == 2
 
 
 def test_unknown_model_infer_is_404(client: httpx.Client) -> None:

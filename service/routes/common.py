@@ -38,7 +38,8 @@ _DESCRIPTIONS = {
     415: "unsupported media type",
     422: "the request body does not match the schema",
     429: "too many jobs pending: retry later",
-    503: "not ready, overloaded or unloading: retry later",
+    500: "the server failed (the runtime, or a model that does not batch as configured); not the caller's fault",
+    503: "known but not servable now (loading, failed to load, overloaded, unloading): retry later",
 }
 
 

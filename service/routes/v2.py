@@ -6,19 +6,20 @@ that version's int8 variant; ``/versions/{v}`` picks a version as in the protoco
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.routing import Route
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
-from backends.datatypes import v2_to_triton_config
 from service import __version__
 from service.auth import require_inference
-from service.errors import ApiError, Unavailable
+from service.errors import Unavailable
 from service.loaded import ServedVariant
 from service.routes.common import ctx_of, errors, read_body
-from service.scheduler import QueueFull, QueueTimeout
+from service.triton_views import describe, triton_config
+from service.triton_views import model_metadata as metadata_view
 from service.v2codec import HEADER_LENGTH, decode_request, decompress, encode_response
 
 router = APIRouter(tags=["inference (KServe v2)"], dependencies=[Depends(require_inference)])
@@ -45,7 +46,7 @@ _INFER_BODY = {
     openapi_extra=_INFER_BODY,
     responses={
         200: {"content": {"application/json": {}, "application/octet-stream": {}}},
-        **errors(400, 401, 404, 413, 503),
+        **errors(400, 401, 404, 413, 500, 503),
     },
 )
 @router.post(
@@ -54,17 +55,17 @@ _INFER_BODY = {
     openapi_extra=_INFER_BODY,
     responses={
         200: {"content": {"application/json": {}, "application/octet-stream": {}}},
-        **errors(400, 401, 404, 413, 503),
+        **errors(400, 401, 404, 413, 500, 503),
     },
 )
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    t0 = time.perf_counter_ns()
+    """The REST front end of the data plane: only the v2 JSON/binary codec is specific to it."""
     ctx = ctx_of(request)
-    sv = await ctx.loaded.resolve(model_name, model_version)
-    limit = ctx.settings.max_infer_body_bytes
-    m = sv.metrics
-    m.inflight.inc()
+    plane = ctx.plane
+    sv = await plane.resolve(model_name, model_version)
+    t0 = plane.begin(sv)
     try:
+        limit = ctx.settings.max_infer_body_bytes
         body = await read_body(request, limit)
         headers = request.headers
         body = decompress(body, headers.get("content-encoding"), limit)
@@ -76,23 +77,17 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             sv.max_batch_size,
             ctx.settings.max_tensor_elements,
         )
-        timeout_ns = req.timeout_us * 1000 if req.timeout_us else None
-        outputs = await sv.scheduler.submit(req.inputs, req.outputs, req.rows, timeout_ns)
+        outputs = await plane.submit(sv, req.inputs, req.outputs, req.rows, req.timeout_us)
         order = req.outputs or [o.name for o in sv.outputs]
         payload, header_len = encode_response(
             model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default
         )
-    except ApiError as e:
-        _count_failure(sv, e, t0)
-        raise
-    finally:
-        m.inflight.dec()
-    elapsed = time.perf_counter_ns() - t0
-    m.request.observe(elapsed / 1e9)
-    m.ok.inc()
-    st = sv.stats
-    with st.lock:
-        st.success.add(elapsed)
+    except ClientDisconnect:
+        plane.abandon(sv)
+        raise  # counted and logged once as a client abort by the app's handler
+    except BaseException as e:
+        raise plane.fail(sv, t0, e) from None
+    plane.succeed(sv, t0)
     if header_len is None:
         return Response(payload, media_type="application/json")
     return Response(
@@ -135,85 +130,30 @@ async def all_stats(request: Request) -> dict[str, Any]:
 @router.get("/v2/models/{model_name}/stats", responses=errors(400, 401, 404, 503))
 @router.get("/v2/models/{model_name}/versions/{model_version}/stats", responses=errors(400, 401, 404, 503))
 async def model_stats(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    sv = await ctx_of(request).loaded.resolve(model_name, model_version)
+    sv = await ctx_of(request).plane.resolve(model_name, model_version)
     return {"model_stats": [_stats_entry(sv, model_name)]}
 
 
 @router.get("/v2/models/{model_name}/ready", responses=errors(400, 401, 404, 503))
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=errors(400, 401, 404, 503))
 async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    sv = await ctx_of(request).loaded.resolve(model_name, model_version)
+    sv = await ctx_of(request).plane.resolve(model_name, model_version)
     return {"name": model_name, "version": str(sv.version), "ready": True}
 
 
 @router.get("/v2/models/{model_name}/config", responses=errors(400, 401, 404, 503))
 @router.get("/v2/models/{model_name}/versions/{model_version}/config", responses=errors(400, 401, 404, 503))
 async def model_config(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    sv = await ctx_of(request).loaded.resolve(model_name, model_version)
-    return triton_config(sv, model_name)
-
-
-def triton_config(sv: ServedVariant, name: str) -> dict[str, Any]:
-    """The model's configuration in Triton's JSON form (what perf_analyzer and Triton tooling read)."""
-
-    def dims(shape: tuple[int, ...]) -> list[int]:
-        return list(shape[1:] if sv.max_batch_size > 0 else shape)
-
-    cfg = sv.scheduler.config
-    out: dict[str, Any] = {
-        "name": name,
-        "platform": "onnxruntime_onnx",
-        "backend": "onnxruntime",
-        "version_policy": {"latest": {"num_versions": 1}},
-        "max_batch_size": sv.max_batch_size,
-        "input": [
-            {"name": t.name, "data_type": v2_to_triton_config(t.datatype), "dims": dims(t.shape)} for t in sv.inputs
-        ],
-        "output": [
-            {"name": t.name, "data_type": v2_to_triton_config(t.datatype), "dims": dims(t.shape)} for t in sv.outputs
-        ],
-        "instance_group": [{"name": sv.variant, "kind": "KIND_CPU", "count": sv.instances}],
-        "parameters": {
-            "slimserve_variant": {"string_value": sv.variant},
-            "slimserve_backend": {"string_value": sv.backend},
-        },
-    }
-    if cfg.batching and sv.max_batch_size > 1:
-        out["dynamic_batching"] = {
-            "preferred_batch_size": list(cfg.preferred_batch_sizes),
-            "max_queue_delay_microseconds": cfg.max_queue_delay_ns // 1000,
-            "default_queue_policy": {"max_queue_size": cfg.max_queue_size},
-        }
-    return out
+    sv = await ctx_of(request).plane.resolve(model_name, model_version)
+    return triton_config(describe(sv), model_name)
 
 
 @router.get("/v2/models/{model_name}", responses=errors(400, 401, 404, 503))
 @router.get("/v2/models/{model_name}/versions/{model_version}", responses=errors(400, 401, 404, 503))
 async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    reg = ctx_of(request).loaded
-    sv = await reg.resolve(model_name, model_version)
-    return {
-        "name": model_name,
-        "versions": [str(v) for v in reg.versions_of(sv.model)],
-        "platform": "onnxruntime_onnx",
-        "inputs": [t.to_dict() for t in sv.inputs],
-        "outputs": [t.to_dict() for t in sv.outputs],
-        "parameters": {"variant": sv.variant, "backend": sv.backend, "max_batch_size": sv.max_batch_size},
-    }
-
-
-def _count_failure(sv: ServedVariant, e: ApiError, t0: int) -> None:
-    elapsed = time.perf_counter_ns() - t0
-    m = sv.metrics
-    if isinstance(e, QueueFull | QueueTimeout):
-        pass  # counted as rejected / timeout by the scheduler
-    elif e.status >= 500:
-        m.server_error.inc()
-    else:
-        m.client_error.inc()
-    m.request.observe(elapsed / 1e9)
-    with sv.stats.lock:
-        sv.stats.fail.add(elapsed)
+    ctx = ctx_of(request)
+    sv = await ctx.plane.resolve(model_name, model_version)
+    return metadata_view(describe(sv), model_name, ctx.loaded.versions_of(sv.model))
 
 
 def raw_infer_routes() -> list[Route]:
@@ -225,6 +165,17 @@ def raw_infer_routes() -> list[Route]:
         return await infer(request, params["model_name"], params.get("model_version"))
 
     return [
-        Route("/v2/models/{model_name}/infer", endpoint, methods=["POST"]),
-        Route("/v2/models/{model_name}/versions/{model_version}/infer", endpoint, methods=["POST"]),
+        _NamedRoute("/v2/models/{model_name}/infer", endpoint, methods=["POST"]),
+        _NamedRoute("/v2/models/{model_name}/versions/{model_version}/infer", endpoint, methods=["POST"]),
     ]
+
+
+class _NamedRoute(Route):
+    """A Starlette route that records itself in the scope as FastAPI's do (``scope["route"]``), so error
+    handlers can name the route (the client-abort counter's label)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            child["route"] = self
+        return match, child
