@@ -182,3 +182,51 @@ def allocate(
         loss=loss,
         options=list(options),
     )
+
+
+@dataclass
+class BudgetResult:
+    artifact: bytes  # the ENCODE artifact (decode with encode.decode_model)
+    allocation: Allocation
+    dead_channels: list[dict]
+    share: dict
+    encode: dict
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.artifact)
+
+
+def compress_to_budget(
+    model: onnx.ModelProto,
+    calibration: dict[str, np.ndarray],
+    validation: dict[str, np.ndarray],
+    target_ratio: float,
+    default_bits: int = 4,
+    options: tuple[list[LayerOption], float, str] | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[BudgetResult, tuple[list[LayerOption], float, str]]:
+    """The size recipe: dead channels -> allocate -> prune -> dead channels -> share -> encode.
+
+    ``target_ratio`` is original bytes / artifact bytes to aim for. Returns the result and the measured options,
+    which a search passes back in (``options``) to try another ratio without measuring again: the sensitivity
+    depends on the model and data only, not on the budget.
+    """
+    from compression.codebook import share_calibrated
+    from compression.prune import prune_model, zero_dead_channels
+
+    if isinstance(target_ratio, bool) or not isinstance(target_ratio, int | float) or target_ratio <= 1:
+        raise ValueError(f"target_ratio must be a number > 1, got {target_ratio!r}")
+    original = len(model.SerializeToString())
+    base, dead = zero_dead_channels(model, calibration)
+    if options is None:
+        options = measure(base, calibration, validation, progress=progress)
+    layer_options, fixed, loss_name = options
+    plan = allocate(layer_options, original / target_ratio, fixed, loss_name)
+    pruned, _ = prune_model(base, 0.0, calibration=calibration, layer_sparsity=plan.layer_sparsity)
+    pruned, more = zero_dead_channels(pruned)
+    shared, share_report = share_calibrated(pruned, default_bits, calibration, layer_bits=plan.layer_bits)
+    bits = {layer["name"]: max(2, int(layer["bits"])) for layer in share_report.layers}
+    artifact, encode_report = encode_model(shared, max(2, default_bits), layer_bits=bits)
+    result = BudgetResult(artifact, plan, dead + more, share_report.to_dict(), encode_report.to_dict())
+    return result, options
