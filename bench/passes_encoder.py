@@ -202,12 +202,15 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(ROOT / ".bench" / "passes-encoder"))
     parser.add_argument("--levers", action="store_true", help="also A/B the serving session options")
     parser.add_argument("--build-only", action="store_true", help="build into --cache-dir (no lock needed), no timing")
+    parser.add_argument("--only", nargs="*", default=[], help="time only the models whose name contains one of these")
     args = parser.parse_args()
 
     fp32_path = str(encoder_path())
     rows = build(args, fp32_path)
     if args.build_only:
         return
+    if args.only:
+        rows = rows[:1] + [r for r in rows[1:] if any(word in r[0] for word in args.only)]
     test = encoder_inputs(256, seed=3)
     timing = encoder_inputs(32, seed=4)
 

@@ -108,7 +108,9 @@ def quantize_embeddings(
             continue
         w = numpy_helper.to_array(t)
         q, scale = _per_row_int8(w)
-        q_name, s_name = _unique(f"{name}_int8", taken), _unique(f"{name}_scale", taken)
+        # names: never ``<tensor>_scale`` for a float tensor that a quantizer may later quantize (ORT names its
+        # activation scales that way), hence the ``row_scales`` suffixes
+        q_name, s_name = _unique(f"{name}_int8", taken), _unique(f"{name}_row_scales", taken)
         stored_q = q if gathers else q.reshape(len(scale), -1)  # DequantizeLinear(axis=0) needs [rows, ...]
         new_inits += [numpy_helper.from_array(stored_q, q_name), numpy_helper.from_array(scale, s_name)]
         removed.add(name)
@@ -129,8 +131,8 @@ def quantize_embeddings(
             for node, _ in uses:
                 y = node.output[0]
                 tag = node.name or y
-                rows_q, rows_s = _unique(f"{y}_int8", taken), _unique(f"{y}_scale", taken)
-                rows_f, rows_s2 = _unique(f"{y}_float", taken), _unique(f"{y}_scale_col", taken)
+                rows_q, rows_s = _unique(f"{y}_int8_rows", taken), _unique(f"{y}_row_scales", taken)
+                rows_f, rows_s2 = _unique(f"{y}_int8_as_float", taken), _unique(f"{y}_row_scales_column", taken)
                 replacements[id(node)] = [
                     helper.make_node("Gather", [q_name, node.input[1]], [rows_q], _unique(f"{tag}_int8", taken)),
                     helper.make_node("Gather", [s_name, node.input[1]], [rows_s], _unique(f"{tag}_scale", taken)),

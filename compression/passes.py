@@ -119,7 +119,7 @@ PASSES: dict[str, Pass] = {
             why="Fastest int8 here: with Attention fused, 2.5-2.6x fp32 at batch 32 (1 thread), cosine 0.998 with "
             "SmoothQuant 0.75 + per-channel weights. ORT's defaults (per-tensor, no smoothing: cosine 0.964) are "
             "out for tolerance 0.01; per-channel alone 0.993.",
-            exclusive=("int8_static", "weight_only"),
+            exclusive=("int8_static", "weight_only", "share", "encode"),
         ),
         Pass(
             "int8_static",
@@ -137,7 +137,7 @@ PASSES: dict[str, Pass] = {
             why="QDQ with SmoothQuant + fallback: cosine 0.998, 2.2-2.5x fp32 at batch 32 (1 thread), 3.9x smaller "
             "with int8 embeddings; the `qdq` form is what TensorRT consumes. ORT's static defaults (all ops, per "
             "tensor) collapse to cosine 0.34: out.",
-            exclusive=("int8_dynamic", "weight_only"),
+            exclusive=("int8_dynamic", "weight_only", "share", "encode"),
         ),
         Pass(
             "weight_only",
@@ -154,7 +154,7 @@ PASSES: dict[str, Pass] = {
             needs_data=False,
             why="MatMulNBits: 4-bit is the smallest encoder (18.9 MB) but cosine 0.95-0.97 and 1.0-1.1x fp32 speed; "
             "8-bit cosine 0.999 at 1.2-1.4x. A size point for loose tolerances, not a latency point on this CPU.",
-            exclusive=("int8_dynamic", "int8_static"),
+            exclusive=("int8_dynamic", "int8_static", "share", "encode"),
         ),
         Pass(
             "share",
