@@ -1,6 +1,7 @@
 """The digits CNN's size recipe: allocation + dead channels + calibrated sharing + ENCODE, against the bars.
 
     .venv/bin/python bench/passes_digits.py [--ratios 30 40 50] [--runs 300]
+    .venv/bin/python bench/passes_digits.py --ablation      # what calibrated sharing and dead channels buy
 
 Bars (issue 11): >= 30x smaller stored within 1 point top-1 (moonshot 40x). Data (tests/compression/digits.py):
 calibration = the 512 calibration samples (OBS, Hessians, codebooks); validation = the other 685 training samples
@@ -55,11 +56,61 @@ def latency_ratios(reference: onnx.ModelProto, model: onnx.ModelProto, x: np.nda
     return out
 
 
+def kl(reference: np.ndarray, logits: np.ndarray) -> float:
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    ref = log_softmax(reference)
+    return float((np.exp(ref) * (ref - log_softmax(logits))).sum(axis=1).mean())
+
+
+def ablation() -> None:
+    """Validation KL (against fp32) of plain k-means vs calibrated sharing, at one fixed allocation."""
+    from compression.codebook import share_calibrated
+    from compression.prune import zero_dead_channels
+
+    data = D.load_data()
+    reference = onnx.load_from_string(D.digits_model())
+    original = len(reference.SerializeToString())
+    calibration = {"input": data.x_calib}
+    validation = data.x_train[D.N_CALIB :]
+    ref_val = session(reference).run(None, {"input": validation})[0]
+    layers = {"conv2.weight": 0.7, "fc1.weight": 0.9, "fc2.weight": 0.7}
+    pruned, _ = prune_model(reference, 0.0, calibration=calibration, layer_sparsity=layers)
+    cleaned, _ = zero_dead_channels(pruned)
+    print(f"allocation {layers} (OBS); validation KL against fp32 / artifact bytes\n")
+    print(
+        "| bits | k-means (ENCODE alone) | OBS rounding | + least squares (pruned target) "
+        "| + least squares (unpruned target) | + dead channels |"
+    )
+    print("|---|---|---|---|---|---|")
+    for bits in (4, 3, 2):
+        cells = []
+        for model, calibrated, refit, target in (
+            (pruned, False, False, None),
+            (pruned, True, False, None),
+            (pruned, True, True, None),
+            (pruned, True, True, reference),
+            (cleaned, True, True, reference),
+        ):
+            if calibrated:
+                model, _ = share_calibrated(model, bits, calibration, refit=refit, reference=target)
+            blob, _ = encode_model(model, bits)
+            logits = session(decode_model(blob)).run(None, {"input": validation})[0]
+            cells.append(f"{kl(ref_val, logits):.4f} / {len(blob):,} B ({original / len(blob):.1f}x)")
+        print(f"| {bits} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[30, 40, 50], help="target size ratios")
     ap.add_argument("--runs", type=int, default=300, help="timed runs per latency measurement")
+    ap.add_argument("--ablation", action="store_true", help="only the sharing / dead-channel ablation")
     args = ap.parse_args()
+    if args.ablation:
+        ablation()
+        return
 
     data = D.load_data()
     reference = onnx.load_from_string(D.digits_model())

@@ -128,7 +128,7 @@ def measure(
             pruned = obs_prune(w, h, s, "unstructured") if s > 0 else w
             for b in bits:
                 book, _ = share_weights(pruned, b)
-                shared = refit_centroids(obs_round(pruned, h, book.astype(np.float64)), pruned, h, book)
+                shared = refit_centroids(obs_round(pruned, h, book.astype(np.float64)), w, h, book)
                 tensor = og.from_rows(shared, ref).astype(original.dtype)
                 og.set_weight(work, ref, tensor)
                 value = loss(_first_output(work, validation))
@@ -225,7 +225,9 @@ def compress_to_budget(
     plan = allocate(layer_options, original / target_ratio, fixed, loss_name)
     pruned, _ = prune_model(base, 0.0, calibration=calibration, layer_sparsity=plan.layer_sparsity)
     pruned, more = zero_dead_channels(pruned)
-    shared, share_report = share_calibrated(pruned, default_bits, calibration, layer_bits=plan.layer_bits)
+    shared, share_report = share_calibrated(
+        pruned, default_bits, calibration, layer_bits=plan.layer_bits, reference=base
+    )
     bits = {layer["name"]: max(2, int(layer["bits"])) for layer in share_report.layers}
     artifact, encode_report = encode_model(shared, max(2, default_bits), layer_bits=bits)
     result = BudgetResult(artifact, plan, dead + more, share_report.to_dict(), encode_report.to_dict())
