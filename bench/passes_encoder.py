@@ -117,14 +117,22 @@ def session(path: str, threads: int, config: dict[str, str] | None = None) -> or
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+GAP_S = 0.02  # idle time between two timed runs: lets the previous session's spinning threads go to sleep
+
+
 def interleaved(sessions: list[ort.InferenceSession], feed: Data, reps: int, cpu: bool) -> list[float]:
-    """Median ms per session, runs interleaved (wall clock, or this process's CPU time)."""
+    """Median ms per session, runs interleaved (wall clock, or this process's CPU time).
+
+    ORT's intra-op threads spin for a while after a run; without a gap, each session would be timed while the
+    previous one's threads still burn the cores (a bias against whichever session follows a spinning one).
+    """
     clock = time.process_time if cpu else time.perf_counter
     for s in sessions:
         s.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(reps):
         for i, s in enumerate(sessions):
+            time.sleep(GAP_S)
             t = clock()
             s.run(None, feed)
             times[i].append((clock() - t) * 1000)
