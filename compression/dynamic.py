@@ -9,9 +9,9 @@ weights, no smoothing) -- out for a 0.01 tolerance -- but the loss comes from tw
 * activation outlier channels (the residual stream's few huge channels): SmoothQuant (``quantize_graph.smooth``)
   moves them into the weight rows before quantization; alpha 0.75 gives **0.998**, as good as static int8.
 
-It was then the fastest int8 form measured here (with Attention fused and int8 embeddings): 2.5-2.6x fp32 at
-batch 32 on one thread against 2.2-2.5x for static QDQ U8S8 (docs/benchmarks/passes-encoder.md). It is a CPU
-form: TensorRT takes the static QDQ form from ``compression.quantize``.
+With Attention fused and int8 embeddings it is as fast as static QDQ U8S8 or a little faster: at batch 32 with
+2 threads 2.11x / 1.96x fp32 against 1.89x / 2.02x in the same runs, 2.3x on one thread (CPU time) for both
+(docs/benchmarks/passes-encoder.md). It is a CPU form: TensorRT takes the static QDQ form from ``compression.quantize``.
 
 SmoothQuant's alpha is chosen on the evaluation samples (the calibration samples only provide the per-channel
 activation maxima), exactly as ``compression.quantize`` does for the static form.

@@ -116,9 +116,9 @@ PASSES: dict[str, Pass] = {
             objectives=("latency", "throughput", "size"),
             targets=("cpu",),
             needs_data=True,
-            why="Fastest int8 here: with Attention fused, 2.5-2.6x fp32 at batch 32 (1 thread), cosine 0.998 with "
-            "SmoothQuant 0.75 + per-channel weights. ORT's defaults (per-tensor, no smoothing: cosine 0.964) are "
-            "out for tolerance 0.01; per-channel alone 0.993.",
+            why="With Attention fused: 1.96-2.11x fp32 at batch 32 (2 threads; 2.3x in 1-thread CPU time), cosine "
+            "0.998 with SmoothQuant 0.75 + per-channel weights. ORT's defaults (per-tensor, no smoothing: cosine "
+            "0.964) are out for tolerance 0.01; per-channel alone 0.993.",
             exclusive=("int8_static", "weight_only", "share", "encode"),
         ),
         Pass(
@@ -134,7 +134,7 @@ PASSES: dict[str, Pass] = {
             objectives=("latency", "throughput", "size"),
             targets=("cpu", "tensorrt"),
             needs_data=True,
-            why="QDQ with SmoothQuant + fallback: cosine 0.998, 2.2-2.5x fp32 at batch 32 (1 thread), 3.9x smaller "
+            why="QDQ with SmoothQuant + fallback: cosine 0.998, 1.89-2.02x fp32 at batch 32 (2 threads), 3.9x smaller "
             "with int8 embeddings; the `qdq` form is what TensorRT consumes. ORT's static defaults (all ops, per "
             "tensor) collapse to cosine 0.34: out.",
             exclusive=("int8_dynamic", "weight_only", "share", "encode"),
