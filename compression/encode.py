@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import lzma
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -74,12 +74,18 @@ def share_weights(w: np.ndarray, bits: int, max_iter: int = 100) -> tuple[np.nda
 
     Deterministic numpy Lloyd iterations on the sorted values (1-D: assignment is a searchsorted against the
     midpoints), rather than scikit-learn's KMeans, whose threaded sums can differ in the last bit between
-    machines. Empty clusters are dropped, so the codebook has at most ``2**bits`` entries.
+    machines. Empty clusters are dropped, so the codebook has at most ``2**bits`` entries. A tensor that already
+    has at most ``2**bits`` distinct non-zero values (weights shared by ``compression.codebook``) keeps them
+    exactly: its values are the codebook.
     """
     _check_bits(bits)
-    nz = w.ravel()[w.ravel() != 0].astype(np.float64)
+    nz = w.ravel()[w.ravel() != 0]
     if nz.size == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    distinct, inverse = np.unique(nz.astype(np.float32), return_inverse=True)
+    if len(distinct) <= 1 << bits:
+        return distinct, inverse.astype(np.int64).ravel()
+    nz = nz.astype(np.float64)
     xs = np.sort(nz)
     c = np.linspace(xs[0], xs[-1], 1 << bits)
     for _ in range(max_iter):
@@ -95,7 +101,20 @@ def share_weights(w: np.ndarray, bits: int, max_iter: int = 100) -> tuple[np.nda
     return book[used], codes.astype(np.int64)
 
 
-def _encodable(model: onnx.ModelProto, bits: int) -> tuple[list[int], list[dict]]:
+def _layer_bits(model: onnx.ModelProto, bits: int, layer_bits: Mapping[str, int] | None) -> dict[str, int]:
+    """Bits per float initializer: ``layer_bits`` where given, else ``bits``; unknown names are refused."""
+    _check_bits(bits)
+    names = {t.name for t in model.graph.initializer}
+    out = dict.fromkeys(names, bits)
+    for name, b in (layer_bits or {}).items():
+        if name not in names:
+            raise ValueError(f"layer_bits names {name!r}, which is not an initializer of the model")
+        _check_bits(b)
+        out[name] = int(b)
+    return out
+
+
+def _encodable(model: onnx.ModelProto, bits: dict[str, int]) -> tuple[list[int], list[dict]]:
     """Initializer indices to encode, and the float tensors kept exact with the reason."""
     inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
     weight_names = set()
@@ -112,22 +131,24 @@ def _encodable(model: onnx.ModelProto, bits: int) -> tuple[list[int], list[dict]
             skipped.append({"name": name, "reason": "not a MatMul/Gemm/Conv weight (kept exact)"})
         elif t.data_location == TensorProto.EXTERNAL:
             skipped.append({"name": name, "reason": "stored as external data"})
-        elif n < max(MIN_ENCODED_WEIGHTS, 4 << bits):
+        elif n < max(MIN_ENCODED_WEIGHTS, 4 << bits[name]):
             skipped.append({"name": name, "reason": f"small tensor ({n} values; kept exact)"})
         else:
             chosen.append(i)
     return chosen, skipped
 
 
-def share_model_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
+def share_model_weights(
+    model: onnx.ModelProto, bits: int, layer_bits: Mapping[str, int] | None = None
+) -> onnx.ModelProto:
     """The model with every encodable weight replaced by its shared (k-means) values: what decode returns."""
-    _check_bits(bits)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for i in _encodable(out, bits)[0]:
+    per_tensor = _layer_bits(out, bits, layer_bits)
+    for i in _encodable(out, per_tensor)[0]:
         t = out.graph.initializer[i]
         w = numpy_helper.to_array(t)
-        book, codes = share_weights(w, bits)
+        book, codes = share_weights(w, per_tensor[t.name])
         q = np.zeros(w.size, dtype=w.dtype)
         q[w.ravel() != 0] = book[codes].astype(w.dtype)
         t.CopyFrom(numpy_helper.from_array(q.reshape(w.shape), t.name))
@@ -161,22 +182,42 @@ def _choose_alphabet(gaps: np.ndarray) -> int:
     return best
 
 
+def estimate_bytes(w: np.ndarray, bits: int) -> float:
+    """What ENCODE will spend on one tensor: its code and gap streams' order-0 entropy plus codebook and tables.
+
+    The streams land within ~0.1 % of their entropy (docs/benchmarks/compression-digits.md), so this is what an
+    allocation search can use to price a (sparsity, bits) choice without building the artifact.
+    """
+    book, codes = share_weights(w, bits)
+    positions = np.flatnonzero(w.ravel())
+    gaps = np.diff(positions, prepend=-1) - 1
+    g = _choose_alphabet(gaps)
+    code_counts = np.bincount(codes, minlength=len(book))
+    gap_counts = np.bincount(_gap_symbols(gaps, g), minlength=g)
+    tables = 3 * (np.count_nonzero(code_counts) + np.count_nonzero(gap_counts)) + 4 * len(book) + 8
+    return ent.entropy_bytes(code_counts) + ent.entropy_bytes(gap_counts) + tables
+
+
 # --------------------------------------------------------------------------------------------- encode / decode
 
 
 def encode_model(
-    model: onnx.ModelProto, bits: int, progress: Callable[[float], None] | None = None
+    model: onnx.ModelProto,
+    bits: int,
+    progress: Callable[[float], None] | None = None,
+    layer_bits: Mapping[str, int] | None = None,
 ) -> tuple[bytes, EncodeReport]:
     """Weight-share, gap-code and rANS-code the model's linear weights into one artifact (see module doc).
 
-    Weights computed by constant subgraphs are folded into initializers first (``compression.fold``).
+    ``layer_bits`` (initializer name -> bits) overrides ``bits`` per tensor (per-layer bit widths). Weights
+    computed by constant subgraphs are folded into initializers first (``compression.fold``).
     """
-    _check_bits(bits)
     original = model.SerializeToString()
     model, note = fold_constants(model)
     skel = onnx.ModelProto()
     skel.CopyFrom(model)
-    chosen, skipped = _encodable(skel, bits)
+    per_tensor = _layer_bits(skel, bits, layer_bits)
+    chosen, skipped = _encodable(skel, per_tensor)
     records = bytearray()
     ent.put_varint(records, len(chosen))
     streams: list[bytes] = []
@@ -185,7 +226,7 @@ def encode_model(
         t = skel.graph.initializer[i]
         w = numpy_helper.to_array(t)
         flat = w.ravel()
-        book, codes = share_weights(w, bits)
+        book, codes = share_weights(w, per_tensor[t.name])
         positions = np.flatnonzero(flat)
         gaps = np.diff(positions, prepend=-1) - 1
         g = _choose_alphabet(gaps)
@@ -214,6 +255,7 @@ def encode_model(
                 "shape": list(w.shape),
                 "weights": int(w.size),
                 "nonzeros": int(positions.size),
+                "bits": per_tensor[t.name],
                 "centroids": len(book),
                 "gap_alphabet": g,
                 "escapes": int(len(gap_syms) - len(gaps)),

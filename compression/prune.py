@@ -14,7 +14,7 @@ of a Conv weight [O, I, *k] at each kernel position.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -166,21 +166,32 @@ def prune_model(
     calibration: dict[str, np.ndarray] | Samples | None = None,
     scope: Literal["per_layer", "global"] = "per_layer",
     progress: Callable[[float], None] | None = None,
+    layer_sparsity: Mapping[str, float] | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune the MatMul/Gemm/Conv weights of ``model`` to ``sparsity``; the input model is not modified.
 
     With ``calibration`` (model input name -> array, samples on axis 0) layers are pruned and reconstructed
     one after another on the partially pruned model's activations; ``scope="global"`` then sets each layer's
-    sparsity from one global magnitude threshold. Without it, plain magnitude pruning. Weights computed by
+    sparsity from one global magnitude threshold. Without it, plain magnitude pruning. ``layer_sparsity``
+    (weight initializer name -> sparsity) sets chosen layers' sparsity (a sensitivity-based allocation, see
+    ``compression.allocation``); the others get ``sparsity`` (or the global allocation). Weights computed by
     constant subgraphs are folded into initializers first (``compression.fold``).
     """
     _check_args(sparsity, pattern, scope)
     sparsity = float(sparsity)
+    if layer_sparsity:
+        if pattern != "unstructured":
+            raise ValueError("layer_sparsity needs the unstructured pattern (2:4 fixes every layer at 0.5)")
+        for value in layer_sparsity.values():
+            _check_args(value, "unstructured", scope)
     samples = check_feeds(model, calibration) if calibration is not None else None
     folded, note = fold_constants(model)
     out = onnx.ModelProto()
     out.CopyFrom(folded)
     refs, skipped = og.linear_weights(out)
+    unknown = sorted(set(layer_sparsity or {}) - {r.name for r in refs})
+    if unknown:
+        raise ValueError(f"layer_sparsity names {unknown}, which are not prunable layers of the model")
     if pattern == "2:4":
         keep = []
         for r in refs:
@@ -193,7 +204,8 @@ def prune_model(
     report = PruneReport(sparsity, pattern, scope=scope, skipped=skipped, calibration_samples=n_calib)
     if note:
         report.notes.append(note)
-    if not refs or (sparsity == 0.0 and pattern == "unstructured"):
+    nothing = sparsity == 0.0 and not any((layer_sparsity or {}).values())
+    if not refs or (nothing and pattern == "unstructured"):
         report.overall_sparsity = _zeros_fraction([og.get_weight(out, r) for r in refs])
         if progress:
             progress(1.0)
@@ -203,6 +215,8 @@ def prune_model(
     targets = [sparsity] * len(refs)
     if scope == "global" and pattern == "unstructured":
         targets = _global_allocation(originals, sparsity)
+    if layer_sparsity:
+        targets = [float(layer_sparsity.get(r.name, t)) for r, t in zip(refs, targets, strict=True)]
     zeros = total = 0
     for i, (ref, w, target) in enumerate(zip(refs, originals, targets, strict=True)):
         h = None
@@ -257,3 +271,109 @@ def check_2_4(model: onnx.ModelProto, names: list[str] | None = None) -> list[st
         if r.in_channels % 4 or (np.count_nonzero(w.reshape(w.shape[0], -1, 4), axis=-1) > 2).any():
             bad.append(r.name)
     return bad
+
+
+# --------------------------------------------------------------------------------------------- dead channels
+
+# Ops between two linear layers that keep channel c in channel c (elementwise on channels, or pooling over space).
+_CHANNEL_PRESERVING = {
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "HardSigmoid", "HardSwish", "Clip",
+    "Identity", "Dropout", "Softplus", "Mish", "Erf", "MaxPool", "AveragePool", "BatchNormalization", "Add", "Mul",
+}  # fmt: skip
+
+
+def zero_dead_channels(
+    model: onnx.ModelProto, calibration: dict[str, np.ndarray] | Samples | None = None
+) -> tuple[onnx.ModelProto, list[dict]]:
+    """Zero the weights of output channels that no later layer reads; exact, so free to apply after pruning.
+
+    When pruning removes every weight of a layer's input channel j (e.g. fc2 drops hidden unit j), the producing
+    layer still computes channel j for nothing: its row j is stored and coded but has no effect on any output.
+    Such rows are zeroed here. A channel counts as dead only when the producer's output reaches one linear
+    consumer alone, through single-consumer channel-preserving ops (activations, pooling, a per-channel Add/Mul
+    with a constant) and at most one Flatten (a Conv output read by a Gemm/MatMul as C x H x W features). Repeats
+    until nothing changes, since zeroed rows can make earlier channels dead too.
+
+    With ``calibration``, a consumer's input channel that is exactly zero on every calibration sample (a ReLU
+    unit that never fires) first gets its consumer weights zeroed, as OBS pruning does for such inputs: exact on
+    the calibration samples, and the producer's row then goes too. Returns the model (a copy) and one entry per
+    producer: producer, consumer, channels zeroed, weights zeroed (producer and consumer).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    refs, _ = og.linear_weights(out, min_weights=0)
+    by_activation = {r.activation: r for r in refs}
+    nodes = out.graph.node
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            consumers.setdefault(x, []).append(i)
+    outputs = {o.name for o in out.graph.output}
+    inits = {t.name for t in out.graph.initializer}
+    pairs: list[tuple[og.WeightRef, og.WeightRef, bool]] = []  # (producer, consumer, through a Flatten)
+    for r in refs:
+        tensor, flattened = nodes[r.node_index].output[0], False
+        while True:
+            users = consumers.get(tensor, [])
+            if tensor in outputs or len(users) != 1:
+                break
+            user = nodes[users[0]]
+            if tensor in by_activation and by_activation[tensor].node_index == users[0]:
+                if not by_activation[tensor].trans_a:  # a transposed activation has its channels on axis 0
+                    pairs.append((r, by_activation[tensor], flattened))
+                break
+            others = [x for x in user.input[1:] if x]
+            if user.op_type == "Flatten" and not flattened and r.op == "Conv":
+                flattened = True
+            else:
+                # a second input that is not a constant would mix other channels in
+                local = user.op_type in _CHANNEL_PRESERVING and user.input[0] == tensor
+                if not local or any(x not in inits for x in others):
+                    break
+            tensor = user.output[0]
+    report: dict[str, dict] = {}
+    if calibration is not None:
+        samples = check_feeds(out, calibration)
+        for producer, consumer, _ in pairs:
+            peak = None
+            for rows in og.iter_activations(model, consumer, samples):
+                m = np.abs(rows).max(axis=0)
+                peak = m if peak is None else np.maximum(peak, m)
+            cw = og.to_rows(og.get_weight(out, consumer), consumer)
+            if peak is None or peak.shape[0] != cw.shape[1]:
+                continue
+            quiet = (peak == 0) & (cw != 0).any(axis=0)
+            if quiet.any():
+                entry = report.setdefault(
+                    producer.name, {"producer": producer.name, "consumer": consumer.name, "channels": 0, "weights": 0}
+                )
+                entry["weights"] += int(np.count_nonzero(cw[:, quiet]))
+                og.set_weight(out, consumer, og.from_rows(np.where(quiet[None, :], 0, cw), consumer))
+    changed = True
+    while changed:
+        changed = False
+        for producer, consumer, flattened in pairs:
+            pw = og.to_rows(og.get_weight(out, producer), producer)
+            cw = og.to_rows(og.get_weight(out, consumer), consumer)
+            channels = pw.shape[0]
+            if consumer.op == "Conv":
+                if consumer.in_channels != channels:
+                    continue
+                used = (cw != 0).reshape(cw.shape[0], -1, channels).any(axis=(0, 1))
+            else:
+                if cw.shape[1] % channels or (cw.shape[1] != channels and not flattened):
+                    continue
+                used = (cw != 0).any(axis=0).reshape(channels, -1).any(axis=1)
+            dead = ~used & (pw != 0).any(axis=1)
+            if not dead.any():
+                continue
+            entry = report.setdefault(
+                producer.name, {"producer": producer.name, "consumer": consumer.name, "channels": 0, "weights": 0}
+            )
+            entry["channels"] += int(dead.sum())
+            entry["weights"] += int(np.count_nonzero(pw[dead]))
+            pw = pw.copy()
+            pw[dead] = 0
+            og.set_weight(out, producer, og.from_rows(pw, producer))
+            changed = True
+    return out, list(report.values())

@@ -74,6 +74,7 @@ class QuantReport:
     form_metrics: dict[str, float] = field(default_factory=dict)  # form -> quality after fallback
     smooth_alpha: float | None = None  # SmoothQuant migration strength used (None: not applied)
     tolerance_met: bool | None = None
+    embeddings: dict[str, Any] | None = None  # compression.embeddings report when embeddings were quantized
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +102,7 @@ def quantize_model(
     *,
     metric: MetricName = "auto",
     smooth_alpha: float | Literal["auto"] | None = "auto",
+    embeddings: bool = False,
 ) -> tuple[dict[str, onnx.ModelProto], QuantReport]:
     """Quantize ``model`` to int8 with static QDQ; return ``{"qdq": ..., "cpu": ...}`` and a report.
 
@@ -110,6 +112,8 @@ def quantize_model(
     model whose [N, D] output is not class scores. Nodes are fallen back to float until the loss is within it.
     Weights computed by constant subgraphs are folded into initializers first (``compression.fold``), and a
     model with a fixed batch dimension is calibrated and scored that many samples at a time.
+    ``embeddings=True`` also stores large Gather tables (word embeddings) as per-row int8
+    (``compression.embeddings``) before calibration, so every measured quality includes them.
     """
     from onnxruntime.quantization import quantize_static
 
@@ -148,13 +152,25 @@ def quantize_model(
         except Exception as e:
             raise ValueError(f"per-channel int8 needs opset >= {MIN_OPSET}; converting from {opset} failed: {e}") from e
         notes.append(f"converted from opset {opset} to {MIN_OPSET} (per-channel Q/DQ)")
+    embedding_report = None
+    reference = base  # quality is measured against the float model, embeddings included
+    if embeddings:
+        from compression.embeddings import quantize_embeddings
+
+        base, table_report = quantize_embeddings(base)
+        embedding_report = table_report.to_dict()
+        notes.append(f"{len(table_report.quantized)} embedding table(s) stored as per-row int8")
     name_nodes(base)
     targets = weight_nodes(base)
     if not targets:
         raise ValueError("nothing to quantize: the model has no MatMul, Gemm or Conv with a constant float weight")
     with tempfile.TemporaryDirectory(prefix="slimserve-quant-") as tmp:
-        job = _Job(base, targets, calibration, evaluation, method, metric, Path(tmp), _Progress(progress), notes)
-        return job.run(tolerance, smooth_alpha)
+        job = _Job(
+            base, targets, calibration, evaluation, method, metric, Path(tmp), _Progress(progress), notes, reference
+        )
+        models, report = job.run(tolerance, smooth_alpha)
+    report.embeddings = embedding_report
+    return models, report
 
 
 class _Job:
@@ -169,6 +185,7 @@ class _Job:
         tmp: Path,
         progress: _Progress,
         notes: list[str],
+        reference: onnx.ModelProto | None = None,
     ) -> None:
         self.base, self.targets, self.method, self.tmp, self.progress, self.notes = (
             base,
@@ -181,7 +198,7 @@ class _Job:
         self.calibration, self.evaluation = calibration, evaluation
         self.value_info = {vi.name for vi in base.graph.value_info}
         self.large = base.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights go to external data
-        self.reference = self._outputs(base, evaluation)
+        self.reference = self._outputs(base if reference is None else reference, evaluation)
         if metric == "auto":
             metric = "top1" if looks_like_classifier(self.reference) else "cosine"
         self.metric = metric
