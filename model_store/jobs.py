@@ -199,8 +199,12 @@ class JobQueue:
                 values["result"] = result
             if state == "succeeded":
                 values["progress"] = 1.0
-            res = s.execute(q.values(**values).execution_options(synchronize_session=False))
-            return res.rowcount == 1
+            kind = s.execute(
+                q.values(**values).returning(JobRow.kind).execution_options(synchronize_session=False)
+            ).scalar_one_or_none()
+            if kind in INTERNAL_KINDS and state in ("failed", "cancelled"):
+                self.db.bump(s)  # an engine build ended without an engine: replicas waiting for it re-check
+            return kind is not None
 
     def cancel(self, job_id: str) -> JobRecord:
         if not matchable(job_id):

@@ -160,6 +160,20 @@ def test_the_engine_state_follows_its_build_job(store: ModelStore) -> None:
     assert engines.retry(sha, "m", 1)[0].state == "queued"
 
 
+def test_a_running_build_cancelled_by_a_user_reads_as_failed_and_wakes_replicas(store: ModelStore) -> None:
+    key = cpu_key(variant(store, "m", b"model"))
+    job = ask(store, key)
+    store.jobs.claim("w", 60, ("build",), (CPU.id,))
+    store.engines.mark_building(key.digest, job)
+    assert store.jobs.cancel(job).cancel_requested  # running: its worker stops at the next progress step ...
+    revision = store.catalog.revision()
+    assert store.jobs.finish(job, "w", "cancelled", error="cancelled by request")  # ... and says so
+    assert store.catalog.revision() > revision
+    rec = store.engines.get(key.digest)
+    assert (rec.state, rec.error) == ("failed", "cancelled by request")
+    assert store.jobs.finish(job, "w", "failed") is False  # already final
+
+
 def test_a_build_given_up_after_its_attempts_reads_as_failed(store: ModelStore) -> None:
     key = cpu_key(variant(store, "m", b"model"))
     job = ask(store, key)
