@@ -1,11 +1,16 @@
-"""The engine cache key: everything a compiled TensorRT engine depends on, hashed.
+"""The engine key: everything a built engine depends on, hashed; and the one place keys are made.
 
-A TensorRT engine (native, or the one ONNX Runtime's TensorRT execution provider builds) is not portable: it
-is specific to the GPU model and architecture, the TensorRT version, the precision and sparsity it was built
-for, the optimization profile (min/opt/max input shapes) and the CUDA stack it was built against. ONNX
-Runtime's own docs tell users to delete the TRT EP's cache by hand when any of those change. Here, instead,
-every one of them is a field of :class:`EngineKey`, so a change gives another :attr:`EngineKey.digest` and
-another cache entry: a stale engine is never found, rather than found and mis-loaded.
+An engine is what a builder makes from a variant for one target (``backends.targets``): a TensorRT plan (native,
+or the cache ONNX Runtime's TensorRT execution provider writes), or ONNX Runtime's offline-optimized CPU graph.
+None is portable. A TensorRT engine is specific to the GPU model and architecture, the TensorRT version, the
+precision and sparsity it was built for, the optimization profile (min/opt/max input shapes) and the CUDA stack
+it was built against; an ORT_ENABLE_ALL graph to the CPU's instruction set and the ONNX Runtime release. ONNX
+Runtime's own docs tell users to delete the TRT EP's cache by hand when any of those change. Here, instead, every
+one of them is a field of :class:`EngineKey`, so a change gives another :attr:`EngineKey.digest` and another
+engine: a stale engine is never found, rather than found and mis-loaded.
+
+``engine_key_for`` is the only constructor callers use: the serving replica that looks an engine up, the build
+job that makes it and the GPU backends that cache one all derive the key the same way.
 """
 
 from __future__ import annotations
@@ -18,12 +23,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.base import TensorSpec
+from backends.base import BackendOptions, TensorSpec
 from backends.gpu import GpuInfo
+from backends.gpu_options import GpuSettings
+from backends.targets import TARGET_PATTERN, Target
 
 PRECISIONS = ("fp32", "fp16", "int8")
-ENGINE_BACKENDS = ("tensorrt", "onnxruntime-tensorrt")
-KEY_SCHEMA = 1  # bump when the meaning of a field changes: every old key then misses
+#: builder -> the runtime versions its engines depend on (the ``runtime`` part of the key)
+RUNTIME_FIELDS: dict[str, tuple[str, ...]] = {
+    "onnxruntime-cpu": ("onnxruntime",),
+    "onnxruntime-tensorrt": ("onnxruntime", "tensorrt", "cuda_runtime", "cuda_driver", "driver"),
+    "tensorrt": ("tensorrt", "cuda_runtime", "cuda_driver", "driver"),
+}
+BUILDERS = tuple(RUNTIME_FIELDS)
+GPU_BUILDERS = ("onnxruntime-tensorrt", "tensorrt")
+#: the serving backend -> the builder whose engines it serves (the CPU one only when engines are asked for)
+ENGINE_BUILDER = {b: b for b in BUILDERS}
+#: how the CPU builder stores its graph: "onnx" (the optimized ONNX graph) loaded faster than "ort" (ONNX Runtime's
+#: flatbuffer format) in bench/engines_cpu.py, and stays readable by onnx tools (docs/benchmarks.md)
+CPU_ENGINE_FORMAT = "onnx"
+KEY_SCHEMA = 2  # bump when the meaning of a field changes: every old key then misses
 
 #: {input name: {"min": [...], "opt": [...], "max": [...]}}
 Profile = dict[str, dict[str, list[int]]]
@@ -134,102 +153,80 @@ def validate_profile(profile: Mapping[str, Mapping[str, Sequence[int]]]) -> None
 class RuntimeVersions:
     """The software half of what an engine depends on."""
 
-    cuda_driver: str | None = None
+    cuda_driver: str | None = None  # the newest CUDA the driver supports ("13.0")
     cuda_runtime: str | None = None
     tensorrt: str | None = None
     onnxruntime: str | None = None
+    driver: str | None = None  # the NVIDIA driver ("580.95.05"); conservative: a driver upgrade rebuilds
 
     @classmethod
-    def detect(cls) -> RuntimeVersions:
-        from backends import gpu
+    def detect(cls, gpu: GpuInfo | None = None) -> RuntimeVersions:
+        """This process's versions. GPU builders pass their device (its driver); the CPU builder needs none."""
+        from backends import gpu as probes
 
-        ort = gpu.onnxruntime_version_and_providers()
+        ort = probes.onnxruntime_version_and_providers()
         return cls(
-            gpu.cuda_driver_version(), gpu.cuda_runtime_version(), gpu.tensorrt_version(), ort[0] if ort else None
+            (gpu.cuda_driver_version if gpu else None) or probes.cuda_driver_version(),
+            probes.cuda_runtime_version(),
+            probes.tensorrt_version(),
+            ort[0] if ort else None,
+            gpu.driver_version if gpu else None,
         )
+
+    def for_builder(self, builder: str) -> dict[str, str | None]:
+        """The versions ``builder``'s engines depend on, as the key stores them."""
+        return {name: getattr(self, name) for name in RUNTIME_FIELDS[builder]}
 
 
 @dataclass(frozen=True)
 class EngineKey:
-    """Identity of one compiled engine. Equal keys mean "this engine can be reused"; any change means rebuild."""
+    """Identity of one engine. Equal keys mean "this engine can be reused"; any change means another engine."""
 
     variant_sha256: str  # sha256 of the ONNX variant the engine is built from
-    backend: str  # "tensorrt" (native) or "onnxruntime-tensorrt" (the TRT EP's engine cache)
-    precision: str  # fp32 | fp16 | int8
-    gpu_name: str  # "NVIDIA H100 80GB HBM3": engines are tuned per GPU model, not just per architecture
-    compute_capability: str  # "9.0": engines never cross architectures
-    driver_version: str  # conservative: a driver upgrade rebuilds
-    cuda_driver_version: str | None
-    cuda_runtime_version: str | None
-    tensorrt_version: str  # engines never cross TensorRT versions
-    onnxruntime_version: str | None  # the TRT EP's cache format and partitioning follow the ORT release
-    profile: Profile
+    builder: str  # onnxruntime-cpu | onnxruntime-tensorrt | tensorrt
+    target: str  # "cpu-x86_64-avx2" | "gpu-nvidia-h100-80gb-hbm3-sm90" (backends.targets)
+    precision: str | None  # fp32 | fp16 | int8 for GPU builders; None: the variant as stored (CPU)
+    runtime: dict[str, str | None]  # RUNTIME_FIELDS[builder]: an upgrade of any of them is another engine
+    profile: Profile | None  # TensorRT's min/opt/max shapes (GPU builders); None for the CPU builder
     sparse: bool = False  # 2:4 structured-sparsity variant built with SPARSE_WEIGHTS / trt_sparsity_enable
-    build_options: dict[str, Any] = field(default_factory=dict)  # workspace bytes, optimization level, ...
+    build_options: dict[str, Any] = field(default_factory=dict)  # workspace, optimization level, format
     schema: int = KEY_SCHEMA
 
     def __post_init__(self) -> None:
         if not _SHA256.fullmatch(self.variant_sha256):
             raise ValueError(f"variant_sha256 must be 64 lowercase hex digits, got {self.variant_sha256!r}")
-        if self.backend not in ENGINE_BACKENDS:
-            raise ValueError(f"engine backend must be one of {ENGINE_BACKENDS}, got {self.backend!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not self.tensorrt_version:
-            raise ValueError("an engine key needs the TensorRT version: engines are not portable across versions")
-        if self.backend == "onnxruntime-tensorrt" and not self.onnxruntime_version:
-            raise ValueError("a TensorRT EP engine key needs the onnxruntime version")
-        if self.backend == "tensorrt" and self.onnxruntime_version is not None:
-            raise ValueError("a native TensorRT engine does not depend on onnxruntime: leave onnxruntime_version None")
-        if not re.fullmatch(r"\d+\.\d+", self.compute_capability):
-            raise ValueError(f"compute capability must look like '9.0', got {self.compute_capability!r}")
-        validate_profile(self.profile)
+        if self.builder not in BUILDERS:
+            raise ValueError(f"engine builder must be one of {BUILDERS}, got {self.builder!r}")
+        gpu = self.builder in GPU_BUILDERS
+        if not TARGET_PATTERN.fullmatch(self.target) or self.target.startswith("gpu-") != gpu:
+            kind = "gpu-<product>-sm<cc>" if gpu else "cpu-<arch>-<isa level>"
+            raise ValueError(f"a {self.builder} engine needs a {kind} target, got {self.target!r}")
+        if sorted(self.runtime) != sorted(RUNTIME_FIELDS[self.builder]):
+            raise ValueError(f"a {self.builder} key records the versions {RUNTIME_FIELDS[self.builder]}")
+        if "onnxruntime" in self.runtime and not self.runtime["onnxruntime"]:
+            raise ValueError(f"a {self.builder} key needs the onnxruntime version")
+        if gpu:
+            if not self.runtime.get("tensorrt"):
+                raise ValueError("an engine key needs the TensorRT version: engines are not portable across versions")
+            if self.precision not in PRECISIONS:
+                raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            if self.profile is None:
+                raise ValueError("a TensorRT engine key needs the shape profile")
+            validate_profile(self.profile)
+        elif self.precision is not None or self.profile is not None or self.sparse:
+            raise ValueError("a CPU engine has no precision, shape profile or sparsity of its own: leave them unset")
         # canonical, detached copies: later changes to the caller's dicts cannot change the key
-        object.__setattr__(self, "profile", json.loads(_canonical_json(self.profile)))
-        object.__setattr__(self, "build_options", json.loads(_canonical_json(self.build_options)))
-
-    @classmethod
-    def create(
-        cls,
-        *,
-        variant_sha256: str,
-        backend: str,
-        precision: str,
-        gpu: GpuInfo,
-        runtime: RuntimeVersions,
-        profile: Profile,
-        sparse: bool = False,
-        build_options: Mapping[str, Any] | None = None,
-    ) -> EngineKey:
-        return cls(
-            variant_sha256=variant_sha256,
-            backend=backend,
-            precision=precision,
-            gpu_name=gpu.name,
-            compute_capability=gpu.compute_capability,
-            driver_version=gpu.driver_version,
-            cuda_driver_version=gpu.cuda_driver_version or runtime.cuda_driver,
-            cuda_runtime_version=runtime.cuda_runtime,
-            tensorrt_version=runtime.tensorrt or "",
-            onnxruntime_version=runtime.onnxruntime if backend == "onnxruntime-tensorrt" else None,
-            profile=profile,
-            sparse=sparse,
-            build_options=dict(build_options or {}),
-        )
+        for name in ("runtime", "profile", "build_options"):
+            object.__setattr__(self, name, json.loads(_canonical_json(getattr(self, name))))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
             "variant_sha256": self.variant_sha256,
-            "backend": self.backend,
+            "builder": self.builder,
+            "target": self.target,
             "precision": self.precision,
-            "gpu": {"name": self.gpu_name, "compute_capability": self.compute_capability},
-            "cuda": {
-                "driver": self.driver_version,
-                "cuda_driver": self.cuda_driver_version,
-                "cuda_runtime": self.cuda_runtime_version,
-            },
-            "runtime": {"tensorrt": self.tensorrt_version, "onnxruntime": self.onnxruntime_version},
+            "runtime": self.runtime,
             "profile": self.profile,
             "sparse": self.sparse,
             "build_options": self.build_options,
@@ -237,22 +234,20 @@ class EngineKey:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EngineKey:
-        return cls(
-            variant_sha256=d["variant_sha256"],
-            backend=d["backend"],
-            precision=d["precision"],
-            gpu_name=d["gpu"]["name"],
-            compute_capability=d["gpu"]["compute_capability"],
-            driver_version=d["cuda"]["driver"],
-            cuda_driver_version=d["cuda"]["cuda_driver"],
-            cuda_runtime_version=d["cuda"]["cuda_runtime"],
-            tensorrt_version=d["runtime"]["tensorrt"],
-            onnxruntime_version=d["runtime"]["onnxruntime"],
-            profile=d["profile"],
-            sparse=d["sparse"],
-            build_options=d["build_options"],
-            schema=d["schema"],
-        )
+        try:
+            return cls(
+                variant_sha256=d["variant_sha256"],
+                builder=d["builder"],
+                target=d["target"],
+                precision=d["precision"],
+                runtime=dict(d["runtime"]),
+                profile=d["profile"],
+                sparse=bool(d["sparse"]),
+                build_options=dict(d["build_options"]),
+                schema=int(d["schema"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not an engine key: {type(e).__name__}: {e}") from None
 
     def canonical_json(self) -> str:
         """Sorted keys, no whitespace, ASCII: the same key gives the same bytes on every machine."""
@@ -262,30 +257,61 @@ class EngineKey:
     def digest(self) -> str:
         return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
 
-    def matches_device(self, gpu: GpuInfo) -> bool:
-        """True when ``gpu`` is the GPU model and architecture this engine was built for."""
-        return gpu.name == self.gpu_name and gpu.compute_capability == self.compute_capability
+    @property
+    def is_gpu(self) -> bool:
+        return self.builder in GPU_BUILDERS
 
-    def mismatches(self, gpu: GpuInfo, runtime: RuntimeVersions) -> list[str]:
-        """Why this engine cannot be used on ``gpu`` with ``runtime`` (empty: it can)."""
-        why = []
-        if gpu.name != self.gpu_name:
-            why.append(f"GPU {gpu.name!r} != {self.gpu_name!r}")
-        if gpu.compute_capability != self.compute_capability:
-            why.append(f"compute capability {gpu.compute_capability} != {self.compute_capability}")
-        if gpu.driver_version != self.driver_version:
-            why.append(f"driver {gpu.driver_version} != {self.driver_version}")
-        if runtime.tensorrt != self.tensorrt_version:
-            why.append(f"TensorRT {runtime.tensorrt} != {self.tensorrt_version}")
-        if runtime.cuda_runtime != self.cuda_runtime_version:
-            why.append(f"CUDA runtime {runtime.cuda_runtime} != {self.cuda_runtime_version}")
-        if self.backend == "onnxruntime-tensorrt" and runtime.onnxruntime != self.onnxruntime_version:
-            why.append(f"onnxruntime {runtime.onnxruntime} != {self.onnxruntime_version}")
+    def mismatches(self, target: str, runtime: RuntimeVersions) -> list[str]:
+        """Why a machine with ``target`` and ``runtime`` cannot build or load this engine (empty: it can)."""
+        why = [] if target == self.target else [f"target {target} != {self.target}"]
+        mine = runtime.for_builder(self.builder)
+        why += [f"{name} {mine[name]} != {want}" for name, want in sorted(self.runtime.items()) if mine[name] != want]
         return why
 
     def cache_dir(self, root: Path) -> Path:
         """Where this engine's files live under a cache root: one folder per digest."""
-        return Path(root) / self.backend / self.digest
+        return Path(root) / self.builder / self.digest
+
+
+def engine_key_for(
+    builder: str,
+    variant_sha256: str,
+    inputs: Sequence[TensorSpec],
+    options: BackendOptions,
+    target: Target,
+    runtime: RuntimeVersions,
+) -> EngineKey:
+    """The key of the engine ``builder`` makes from a variant (its sha256 and inputs) served with ``options`` on
+    ``target``. Raises ValueError when no key can be made: no shape profile for a dynamic input, a GPU builder
+    without a GPU target or without TensorRT."""
+    if builder not in BUILDERS:
+        raise ValueError(f"engine builder must be one of {BUILDERS}, got {builder!r}")
+    if builder not in GPU_BUILDERS:
+        return EngineKey(
+            variant_sha256=variant_sha256,
+            builder=builder,
+            target=target.id,
+            precision=None,
+            runtime=runtime.for_builder(builder),
+            profile=None,
+            build_options={"format": CPU_ENGINE_FORMAT, "graph_optimization_level": "ORT_ENABLE_ALL"},
+        )
+    if target.gpu is None:
+        raise ValueError(f"a {builder} engine needs a GPU target, got {target.id!r}")
+    if not runtime.tensorrt:
+        raise ValueError(f"{builder}: TensorRT (libnvinfer) is not installed, so no engine can be built or loaded")
+    s = GpuSettings.from_options(options)
+    profile = derive_profile(inputs, s.max_batch_size, s.shape_overrides, opt_batch_size=s.opt_batch_size)
+    return EngineKey(
+        variant_sha256=variant_sha256,
+        builder=builder,
+        target=target.id,
+        precision=options.precision,
+        runtime=runtime.for_builder(builder),
+        profile=profile,
+        sparse=s.sparse,
+        build_options={"workspace_bytes": s.workspace_bytes, "optimization_level": s.builder_optimization_level},
+    )
 
 
 def timing_cache_name(gpu: GpuInfo, runtime: RuntimeVersions) -> str:

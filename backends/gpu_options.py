@@ -2,7 +2,7 @@
 provider options ONNX Runtime's CUDA and TensorRT providers are given for them.
 
 The service builds ``extra`` from a model's typed ``backend_options`` plus the server-owned keys
-(``engine_cache_dir``, ``device_id``, ``max_batch_size``, a capped ``workspace_bytes``): see
+(``engine_cache_dir``, ``engine_dir``, ``device_id``, ``max_batch_size``, a capped ``workspace_bytes``): see
 ``service/model_config.py``.
 """
 
@@ -11,10 +11,12 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends.base import BackendError, BackendOptions
-from backends.engines import Profile
+
+if TYPE_CHECKING:
+    from backends.engines import Profile
 
 #: TensorRT's builder workspace when a model's config does not ask for another (the server caps it)
 DEFAULT_WORKSPACE_BYTES = 1 << 30
@@ -29,6 +31,7 @@ class GpuSettings:
     opt_batch_size: int | None = None
     shape_overrides: dict[str, dict[str, list[int]]] | None = None  # see engines.derive_profile
     engine_cache_dir: Path | None = None  # root of the engine cache (default: <tmp>/slimserve-engines)
+    engine_dir: Path | None = None  # a prebuilt engine, unpacked (served variants): load it, never build
     sparse: bool = False  # the variant is 2:4 structured-sparse: let TensorRT use sparse tensor cores
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     builder_optimization_level: int | None = None  # TensorRT default (3) when None
@@ -48,8 +51,9 @@ class GpuSettings:
             s.builder_optimization_level = _int(x["builder_optimization_level"], "builder_optimization_level", 0)
         if x.get("shape_overrides") is not None:
             s.shape_overrides = dict(x["shape_overrides"])
-        if x.get("engine_cache_dir") is not None:
-            s.engine_cache_dir = Path(x["engine_cache_dir"])
+        for name in ("engine_cache_dir", "engine_dir"):
+            if x.get(name) is not None:
+                setattr(s, name, Path(x[name]))
         for name in ("sparse", "disallow_cpu_nodes"):
             if name in x:
                 setattr(s, name, bool(x[name]))

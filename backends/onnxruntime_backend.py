@@ -1,7 +1,8 @@
-"""ONNX Runtime backends (CPU here; the GPU issue adds the CUDA and TensorRT execution providers)."""
+"""ONNX Runtime on the CPU: a variant as uploaded, or its prebuilt engine (an offline-optimized graph)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,22 @@ class OnnxRuntimeBackend(Backend):
         # Untrusted bytes were validated in full (inspect_model) where they entered the store; a backend
         # only needs the interface, and may be built many times (instances, replicas, restarts).
         inputs, outputs = model_interface(parse_model(data))
+        self.engine: dict[str, Any] | None = None
+        source: bytes | str = data
+        so = session_options(opts)
+        engine_dir = opts.extra.get("engine_dir")
+        if engine_dir is not None:
+            # The variant's prebuilt engine (compression.engine_build): its graph was optimized at ORT_ENABLE_ALL
+            # for this target when it was built, so loading it skips the optimizer (the load time it saves).
+            manifest = json.loads((Path(engine_dir) / "manifest.json").read_text())
+            source = str(Path(engine_dir) / manifest["load"])
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            self.engine = {"digest": manifest.get("digest"), "format": manifest.get("format")}
         try:
-            self._session = ort.InferenceSession(data, sess_options=session_options(opts), providers=[provider])
+            self._session = ort.InferenceSession(source, sess_options=so, providers=[provider])
         except Exception as e:
-            raise BackendError(f"ONNX Runtime could not load the model: {_first_line(e)}") from None
+            what = "its prebuilt engine" if engine_dir is not None else "the model"
+            raise BackendError(f"ONNX Runtime could not load {what}: {_first_line(e)}") from None
         self.name = kind
         self.inputs = inputs
         self.outputs = outputs
@@ -85,7 +98,10 @@ class OnnxRuntimeBackend(Backend):
             timer.cancel()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "providers": self._session.get_providers(), "onnxruntime": ort.__version__}
+        d = {"backend": self.name, "providers": self._session.get_providers(), "onnxruntime": ort.__version__}
+        if self.engine is not None:
+            d["engine"] = self.engine
+        return d
 
 
 def session_options(opts: BackendOptions) -> Any:

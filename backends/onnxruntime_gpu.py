@@ -12,6 +12,7 @@ Options come from ``BackendOptions.extra`` (``gpu_options.GpuSettings``); precis
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -23,12 +24,13 @@ from onnx import ModelProto
 
 from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, InvalidInput, TensorSpec
 from backends.datatypes import numpy_dtype
-from backends.engines import EngineKey, RuntimeVersions, derive_profile
+from backends.engines import EngineKey, RuntimeVersions, engine_key_for
 from backends.gpu_options import GpuSettings, cuda_provider_options, tensorrt_provider_options
 from backends.onnx_model import model_interface, parse_model
 from backends.onnxruntime_backend import _first_line, session_options
 from backends.ort_providers import CUDA_EP, TRT_EP, available_providers, check_providers, preload_cuda_libraries
 from backends.precision import has_qdq, is_fp16_model, to_fp16
+from backends.targets import gpu_target
 
 try:
     import onnxruntime as ort
@@ -68,6 +70,7 @@ class OnnxRuntimeGpuBackend(Backend):
                 f"installed together){' and TensorRT 10/11' if TRT_EP in absent else ''}"
             )
         opts = options or BackendOptions()
+        self._extra = dict(opts.extra)
         self.settings = settings = GpuSettings.from_options(opts)
         self.precision = opts.precision
         if self.precision not in ("fp32", "fp16", "int8"):
@@ -83,9 +86,12 @@ class OnnxRuntimeGpuBackend(Backend):
 
         self._notes: dict[str, Any] = {}
         self._engine_key: EngineKey | None = None
+        self._engine_dir: Path | None = None
         self._cuda_graph = kind != "onnxruntime-tensorrt" and self._want_cuda_graph(proto)
+        providers = self._providers(kind, data, self._cuda_graph)
+        before = _files(self._engine_dir)
         try:
-            self._session = self._create(run_bytes, self._providers(kind, data, self._cuda_graph), opts)
+            self._session = self._create(run_bytes, providers, opts)
         except BackendError as e:
             if not (self._cuda_graph and settings.cuda_graph is None and "CUDA Graph" in str(e)):
                 raise
@@ -93,6 +99,12 @@ class OnnxRuntimeGpuBackend(Backend):
             self._cuda_graph = False
             self._session = self._create(run_bytes, self._providers(kind, data, False), opts)
         check_providers(kind, requested, self._session.get_providers())
+        if self._engine_dir is not None:
+            # ONNX Runtime builds when its cache does not match (a changed model hash or profile): say so, since a
+            # served engine should have been built by its job, not here
+            after = _files(self._engine_dir)
+            built = [f for f in after if f.endswith(".engine") and before.get(f) != after[f]]
+            self._notes["engine_built_at_load"] = bool(built)
         self._run_options = ort.RunOptions()
         self._lock = threading.Lock()
         if self._cuda_graph:
@@ -141,6 +153,37 @@ class OnnxRuntimeGpuBackend(Backend):
         return True
 
     def _tensorrt_options(self, variant_bytes: bytes) -> dict[str, Any]:
+        """The TRT EP's options. A prebuilt engine (``engine_dir``: a build job's artifact, unpacked) carries its
+        key, whose profile and precision give exactly the options it was built with, so ONNX Runtime finds its
+        ``.engine`` files instead of building. Without one (standalone use) the engine is cached under
+        ``engine_cache_dir`` by this device's key, and ONNX Runtime builds it on the first session."""
+        s = self.settings
+        if s.engine_dir is not None:
+            manifest = json.loads((s.engine_dir / "manifest.json").read_text())
+            key = EngineKey.from_dict(manifest["key"])
+            engine_dir = timing_dir = s.engine_dir / manifest["load"]
+            # the build options it was built with are the key's (one source, whatever the caller passed)
+            s = dataclasses.replace(
+                s,
+                workspace_bytes=int(key.build_options.get("workspace_bytes") or s.workspace_bytes),
+                builder_optimization_level=key.build_options.get("optimization_level"),
+                sparse=key.sparse,
+            )
+        else:
+            key = self._device_key(variant_bytes)
+            engine_dir = key.cache_dir(s.cache_root())
+            timing_dir = s.cache_root() / "timing" / key.target / str(key.runtime["tensorrt"])
+            for d in (engine_dir, timing_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            (engine_dir / "key.json").write_text(json.dumps(key.to_dict(), indent=2, sort_keys=True))
+        assert key.profile is not None and key.precision is not None
+        self._engine_key = key
+        self._engine_dir = engine_dir
+        self._notes["engine_cache"] = str(engine_dir)
+        static = all(p["min"] == p["max"] for p in key.profile.values())
+        return tensorrt_provider_options(s, key.precision, None if static else key.profile, engine_dir, timing_dir)
+
+    def _device_key(self, variant_bytes: bytes) -> EngineKey:
         from backends import gpu
 
         s = self.settings
@@ -148,37 +191,22 @@ class OnnxRuntimeGpuBackend(Backend):
         if s.device_id not in gpus:
             raise BackendUnavailable(
                 f"onnxruntime-tensorrt: nvidia-smi shows no GPU {s.device_id} (GPUs: {sorted(gpus)}); the engine "
-                "cache key needs its name and compute capability"
+                "key needs its name and compute capability"
             )
-        runtime = RuntimeVersions.detect()
-        if runtime.tensorrt is None:
-            raise BackendUnavailable(
-                "onnxruntime-tensorrt: TensorRT (libnvinfer) is not installed: pip install tensorrt-cu13 on a machine "
-                "that reaches NVIDIA's index"
-            )
+        device = gpus[s.device_id]
         try:
-            profile = derive_profile(self.inputs, s.max_batch_size, s.shape_overrides, opt_batch_size=s.opt_batch_size)
+            return engine_key_for(
+                "onnxruntime-tensorrt",
+                hashlib.sha256(variant_bytes).hexdigest(),
+                self.inputs,
+                BackendOptions(precision=self.precision, extra=self._extra),
+                gpu_target(device),
+                RuntimeVersions.detect(device),
+            )
         except ValueError as e:
-            raise BackendError(f"cannot derive the TensorRT shape profile: {e}") from None
-        key = EngineKey.create(
-            variant_sha256=hashlib.sha256(variant_bytes).hexdigest(),
-            backend="onnxruntime-tensorrt",
-            precision=self.precision,
-            gpu=gpus[s.device_id],
-            runtime=runtime,
-            profile=profile,
-            sparse=s.sparse,
-            build_options={"workspace_bytes": s.workspace_bytes, "optimization_level": s.builder_optimization_level},
-        )
-        engine_dir = key.cache_dir(s.cache_root())
-        timing_dir = s.cache_root() / "timing" / f"{gpus[s.device_id].sm}-trt{runtime.tensorrt}"
-        for d in (engine_dir, timing_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        (engine_dir / "key.json").write_text(json.dumps(key.to_dict(), indent=2, sort_keys=True))
-        self._engine_key = key
-        self._notes["engine_cache"] = str(engine_dir)
-        static = all(p["min"] == p["max"] for p in profile.values())
-        return tensorrt_provider_options(s, self.precision, None if static else profile, engine_dir, timing_dir)
+            if "TensorRT" in str(e):
+                raise BackendUnavailable(f"onnxruntime-tensorrt: {e} (pip install tensorrt-cu13)") from None
+            raise BackendError(f"cannot derive the TensorRT engine key: {e}") from None
 
     def _create(self, data: bytes, providers: list[tuple[str, dict[str, Any]]], opts: BackendOptions) -> Any:
         so = session_options(opts)
@@ -257,6 +285,12 @@ class OnnxRuntimeGpuBackend(Backend):
         if self._engine_key is not None:
             d["engine_key"] = self._engine_key.digest
         return d
+
+
+def _files(folder: Path | None) -> dict[str, int]:
+    if folder is None or not folder.is_dir():
+        return {}
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
 
 
 def _exact(spec: TensorSpec, inputs: dict[str, np.ndarray]) -> np.ndarray:

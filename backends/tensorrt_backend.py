@@ -13,7 +13,6 @@ exactly what is missing when asked to build or run.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import threading
 import time
@@ -24,9 +23,9 @@ import numpy as np
 
 from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, InvalidInput, TensorSpec
 from backends.datatypes import NUMPY_TO_V2
-from backends.engines import PRECISIONS, EngineKey, Profile, RuntimeVersions, derive_profile, timing_cache_name
+from backends.engines import PRECISIONS, EngineKey, Profile
 from backends.gpu_options import GpuSettings
-from backends.onnx_model import model_interface, parse_model
+from backends.onnx_model import parse_model
 from backends.precision import has_qdq, is_fp16_model, to_fp16
 
 INSTALL_HINT = "pip install tensorrt-cu13 on a machine that reaches NVIDIA's index"
@@ -334,60 +333,19 @@ class TensorRTBackend(Backend):
 
 
 def load_tensorrt(model: bytes | Path, options: BackendOptions | None = None) -> TensorRTBackend:
-    """``load_backend("tensorrt", onnx)``: find the engine for this variant, GPU and runtime in the cache, or
-    build it (reusing the device's timing cache) and store it; then serve it."""
+    """``load_backend("tensorrt", onnx)``: serve the variant's prebuilt engine (``engine_dir``: a build job's
+    artifact, unpacked). A serving process never builds one: engines are built once per target by the ``build``
+    job (``compression.engine_build``), with ``build_engine`` below."""
     opts = options or BackendOptions()
     s = GpuSettings.from_options(opts)
-    import_tensorrt()
-    from backends import gpu
-
-    gpus = {g.index: g for g in gpu.list_gpus()}
-    if s.device_id not in gpus:
-        raise BackendUnavailable(f"tensorrt: nvidia-smi shows no GPU {s.device_id} (GPUs: {sorted(gpus)})")
-    data = model.read_bytes() if isinstance(model, Path) else model
-    inputs, _ = model_interface(parse_model(data))
-    try:
-        profile = derive_profile(inputs, s.max_batch_size, s.shape_overrides, opt_batch_size=s.opt_batch_size)
-    except ValueError as e:
-        raise BackendError(f"cannot derive the TensorRT shape profile: {e}") from None
-    runtime = RuntimeVersions.detect()
-    key = EngineKey.create(
-        variant_sha256=hashlib.sha256(data).hexdigest(),
-        backend="tensorrt",
-        precision=opts.precision,
-        gpu=gpus[s.device_id],
-        runtime=runtime,
-        profile=profile,
-        sparse=s.sparse,
-        build_options={"workspace_bytes": s.workspace_bytes, "optimization_level": s.builder_optimization_level},
-    )
-    folder = key.cache_dir(s.cache_root())
-    plan_path, log_path = folder / "engine.plan", folder / "build.json"
-    build_log = json.loads(log_path.read_text()) if log_path.exists() else None
-    if not plan_path.exists():
-        timing_path = s.cache_root() / "timing" / timing_cache_name(gpus[s.device_id], runtime)
-        old_cache = timing_path.read_bytes() if timing_path.exists() else None
-        plan, new_cache, build_log = build_engine(
-            data,
-            opts.precision,
-            profile,
-            s.sparse,
-            old_cache,
-            s.workspace_bytes,
-            builder_optimization_level=s.builder_optimization_level,
+    import_tensorrt()  # first: on a machine without TensorRT, what to install is the useful answer
+    if s.engine_dir is None:
+        raise BackendError(
+            "native TensorRT serves prebuilt engines only: the engine is built by a `build` job on a worker with "
+            "this GPU (docs/gpu.md), not when a variant loads"
         )
-        build_log["engine_key"] = key.to_dict()
-        folder.mkdir(parents=True, exist_ok=True)
-        timing_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(timing_path, new_cache)
-        _atomic_write(log_path, json.dumps(build_log, indent=2).encode())
-        _atomic_write(plan_path, plan)  # last: a plan on disk means a complete entry
-    backend = TensorRTBackend(plan_path, opts)
-    backend.engine_key, backend.build_log = key, build_log
+    manifest = json.loads((s.engine_dir / "manifest.json").read_text())
+    backend = TensorRTBackend(s.engine_dir / manifest["load"], opts)
+    backend.engine_key = EngineKey.from_dict(manifest["key"])
+    backend.build_log = manifest.get("build")
     return backend
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

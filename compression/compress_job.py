@@ -12,7 +12,7 @@ from compression.spec import CompressionSpec
 from model_store import NewVariant
 
 if TYPE_CHECKING:
-    from compression.worker import JobContext
+    from compression.job_context import JobContext
 
 
 def run_compress_job(ctx: JobContext) -> dict[str, Any]:

@@ -8,6 +8,10 @@ runs twice at the same time. Jobs publish idempotently (variant rows are written
 so a resumed job that had published part of its work before it died publishes it again without conflict.
 
 Each job kind has a runner (``RUNNERS``): a function of a ``JobContext`` that returns the job's result.
+
+A worker advertises the build targets its hardware has (``backends.targets``) and claims only the builds for
+them. A build it claims but cannot run (its runtime versions differ from the engine key's) goes back to the
+queue untried, and this worker leaves it alone for ``SKIP_S`` so that a worker with that runtime takes it.
 """
 
 from __future__ import annotations
@@ -16,46 +20,25 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from compression.compress_job import run_compress_job
+from compression.engine_build import run_build_job
+from compression.job_context import JobAborted, JobContext, NotForThisWorker
 from compression.pipeline import NeedsData
 from model_store import JobRecord, ModelStore
 
 log = logging.getLogger(__name__)
 
 
-class JobAborted(Exception):
-    """The job was cancelled, or this worker lost its lease, or the worker is stopping."""
-
-
-@dataclass
-class JobContext:
-    """What a job runner gets: the store, its job, and ``progress`` to report (and to be stopped at)."""
-
-    store: ModelStore
-    job: JobRecord
-    _check: Callable[[], None]
-    stages: list[str] = field(default_factory=list)
-    stage: str | None = None
-    fraction: float = 0.0
-
-    def progress(self, stage: str, fraction: float) -> None:
-        """Record progress within ``stage`` (0..1); raises JobAborted when the job must stop."""
-        self._check()
-        if stage not in self.stages:
-            self.stages.append(stage)
-        idx = self.stages.index(stage)
-        self.stage = stage
-        self.fraction = min(1.0, (idx + max(0.0, min(1.0, fraction))) / max(1, len(self.stages)))
-
-
 JobRunner = Callable[[JobContext], dict[str, Any]]
-RUNNERS: dict[str, JobRunner] = {"compress": run_compress_job}
+RUNNERS: dict[str, JobRunner] = {"compress": run_compress_job, "build": run_build_job}
+#: how long a worker leaves a job it gave back (NotForThisWorker) to other workers before it looks at it again
+SKIP_S = 60.0
 
 
 class JobWorker:
@@ -68,6 +51,7 @@ class JobWorker:
         poll_s: float = 0.5,
         max_attempts: int = 3,
         runners: dict[str, JobRunner] | None = None,
+        targets: tuple[str, ...] = (),
     ) -> None:
         self.store = store
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -77,9 +61,16 @@ class JobWorker:
         self.poll_s = poll_s
         self.max_attempts = max_attempts
         self.runners = dict(RUNNERS if runners is None else runners)
+        self.targets = tuple(targets)
+        self._skip: dict[str, float] = {}  # job id -> monotonic time until which this worker leaves it
 
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
-        log.info("worker %s polling for %s jobs", self.owner, ", ".join(self.runners))
+        log.info(
+            "worker %s polling for %s jobs; build targets: %s",
+            self.owner,
+            ", ".join(self.runners),
+            ", ".join(self.targets) or "none",
+        )
         while not stop.is_set():
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("parent process %s is gone; worker exits", parent_pid)
@@ -95,7 +86,9 @@ class JobWorker:
     def run_one(self, stop: threading.Event | None = None) -> bool:
         jobs = self.store.jobs
         jobs.fail_abandoned(self.max_attempts)
-        job = jobs.claim(self.owner, self.lease_s, tuple(self.runners))
+        now = time.monotonic()
+        self._skip = {k: t for k, t in self._skip.items() if t > now}
+        job = jobs.claim(self.owner, self.lease_s, tuple(self.runners), self.targets, tuple(self._skip))
         if job is None:
             return False
         if job.attempts > self.max_attempts:
@@ -130,6 +123,12 @@ class JobWorker:
         try:
             jobs.heartbeat(job.id, self.owner, self.lease_s, "load", 0.0)
             result = self.runners[job.kind](ctx)
+        except NotForThisWorker as e:
+            done.set()
+            jobs.release(job.id, self.owner)
+            self._skip[job.id] = time.monotonic() + SKIP_S
+            log.info("job %s given back: %s", job.id, e)
+            return
         except JobAborted as e:
             done.set()
             if jobs.get(job.id).cancel_requested:

@@ -1,8 +1,9 @@
-"""Artifacts at rest (blobs) and their records (the catalogue): models, versions, variants, jobs."""
+"""Artifacts at rest (blobs) and their records (the catalogue): models, versions, variants, engines, jobs."""
 
 from model_store.blobs import BlobNotFound, BlobStore, LocalBlobStore, sha256_bytes
 from model_store.catalog import Catalog
 from model_store.database import Database
+from model_store.engines import EngineCatalog, EngineRecord
 from model_store.jobs import JobQueue, QueueFull
 from model_store.records import (
     JobRecord,
@@ -20,6 +21,8 @@ __all__ = [
     "BlobStore",
     "Catalog",
     "Database",
+    "EngineCatalog",
+    "EngineRecord",
     "JobQueue",
     "JobRecord",
     "LocalBlobStore",

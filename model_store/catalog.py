@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from model_store.database import Database
+from model_store.engines import prune_engines
 from model_store.records import (
     JOB_TERMINAL,
     ModelRecord,
@@ -125,6 +126,8 @@ class Catalog:
             if m is None:
                 raise RecordNotFound(f"model {name!r} not found")
             s.delete(m)
+            s.flush()
+            prune_engines(s)
             self.db.bump(s)
 
     def delete_version(self, name: str, number: int) -> None:
@@ -135,6 +138,8 @@ class Catalog:
             s.flush()
             if not s.scalar(select(func.count()).select_from(VersionRow).where(VersionRow.model_id == model.id)):
                 s.delete(model)
+            s.flush()
+            prune_engines(s)
             self.db.bump(s)
 
     def set_loaded(self, name: str, number: int | None, loaded: bool) -> list[int]:
@@ -164,8 +169,9 @@ class Catalog:
                 s.flush()
             row = new_variant_row(v.id, nv)
             s.add(row)
-            self.db.bump(s)
             s.flush()
+            prune_engines(s)  # a replaced variant's old bytes may have had engines
+            self.db.bump(s)
             return variant_record(row)
 
     def set_default_variant(self, name: str, number: int, variant: str, pinned: bool) -> None:

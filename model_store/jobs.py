@@ -1,23 +1,26 @@
-"""The job queue: offline work (compression, ...) claimed by workers under leases.
+"""The job queue: offline work (compression, engine builds, ...) claimed by workers under leases.
 
 Claiming is a compare-and-set UPDATE on the job row that takes a lease; heartbeats extend it; a worker that
 dies stops renewing and another claims the job once the lease has expired, up to a number of attempts.
+A job may name a target (an engine build: the hardware the engine is for); only a worker that advertises that
+target claims it. Jobs without one go to any worker.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from typing import Any
 
 from sqlalchemy import func, select, update
 
 from model_store.catalog import version_row
 from model_store.database import Database
-from model_store.records import JOB_TERMINAL, JobRecord, RecordNotFound, job_record, matchable
+from model_store.records import JOB_TERMINAL, JobRecord, RecordNotFound, job_record, matchable, new_job_row
 from model_store.schema import JobRow, utcnow
 
 PENDING = ("queued", "running")
+#: jobs the system makes for itself (engine builds when a variant loads): they do not count against the users' cap
+INTERNAL_KINDS = ("build",)
 
 
 class QueueFull(RuntimeError):
@@ -43,10 +46,17 @@ class JobQueue:
             version_row(s, name, number)
             if max_pending is not None:
                 self.db.lock_revision(s)
-                pending = s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state.in_(PENDING))) or 0
+                pending = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(JobRow)
+                        .where(JobRow.state.in_(PENDING), JobRow.kind.not_in(INTERNAL_KINDS))
+                    )
+                    or 0
+                )
                 if pending >= max_pending:
                     raise QueueFull(pending, max_pending)
-            j = JobRow(id=str(uuid.uuid4()), kind=kind, model_name=name, version=number, spec=spec)
+            j = new_job_row(kind, name, number, spec)
             s.add(j)
             s.flush()
             return job_record(j)
@@ -73,21 +83,36 @@ class JobQueue:
         with self.db.tx() as s:
             return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state.in_(states))) or 0
 
-    def claim(self, owner: str, lease_seconds: float, kinds: tuple[str, ...]) -> JobRecord | None:
-        """Atomically take the oldest queued job (or one whose lease expired) for ``owner``.
+    def claim(
+        self,
+        owner: str,
+        lease_seconds: float,
+        kinds: tuple[str, ...],
+        targets: tuple[str, ...] = (),
+        exclude: tuple[str, ...] = (),
+    ) -> JobRecord | None:
+        """Atomically take the oldest queued job (or one whose lease expired) for ``owner``: one of ``kinds``,
+        without a target or with one of ``targets`` (what the worker's hardware has), and not in ``exclude``.
+        Targeted jobs (engine builds) come first: a variant may be waiting for its engine to serve.
 
         The claim is a compare-and-set UPDATE on (id, state, lease_expires), so two workers racing for
         the same row cannot both win, on SQLite or PostgreSQL.
         """
         now = utcnow()
+        where_target = JobRow.target.is_(None)
+        if targets:
+            where_target = where_target | JobRow.target.in_(targets)
         with self.db.tx() as s:
-            candidates = s.scalars(
+            q = (
                 select(JobRow)
-                .where(JobRow.kind.in_(kinds))
+                .where(JobRow.kind.in_(kinds), where_target)
                 .where((JobRow.state == "queued") | ((JobRow.state == "running") & (JobRow.lease_expires < now)))
-                .order_by(JobRow.created_at)
+                .order_by(JobRow.target.is_(None), JobRow.created_at)
                 .limit(5)
-            ).all()
+            )
+            if exclude:
+                q = q.where(JobRow.id.not_in(exclude))
+            candidates = s.scalars(q).all()
             for j in candidates:
                 res = s.execute(
                     update(JobRow)
@@ -106,6 +131,24 @@ class JobQueue:
                     s.expire(j)
                     return job_record(s.get(JobRow, j.id))  # type: ignore[arg-type]
             return None
+
+    def release(self, job_id: str, owner: str) -> bool:
+        """Give a claimed job back to the queue untried (the attempt is not counted): this worker found it cannot
+        run it (an engine build for a runtime version it does not have)."""
+        with self.db.tx() as s:
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.state == "running")
+                .values(
+                    state="queued",
+                    lease_owner=None,
+                    lease_expires=None,
+                    attempts=JobRow.attempts - 1,
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return res.rowcount == 1
 
     def heartbeat(
         self,
@@ -156,8 +199,12 @@ class JobQueue:
                 values["result"] = result
             if state == "succeeded":
                 values["progress"] = 1.0
-            res = s.execute(q.values(**values).execution_options(synchronize_session=False))
-            return res.rowcount == 1
+            kind = s.execute(
+                q.values(**values).returning(JobRow.kind).execution_options(synchronize_session=False)
+            ).scalar_one_or_none()
+            if kind in INTERNAL_KINDS and state in ("failed", "cancelled"):
+                self.db.bump(s)  # an engine build ended without an engine: replicas waiting for it re-check
+            return kind is not None
 
     def cancel(self, job_id: str) -> JobRecord:
         if not matchable(job_id):
@@ -168,6 +215,8 @@ class JobQueue:
                 raise RecordNotFound(f"job {job_id!r} not found")
             if j.state == "queued":
                 j.state = "cancelled"
+                if j.kind in INTERNAL_KINDS:
+                    self.db.bump(s)  # replicas waiting for that engine learn it will not come
             elif j.state == "running":
                 j.cancel_requested = True
             s.flush()
@@ -189,4 +238,6 @@ class JobQueue:
                 else:
                     j.state = "queued"
                     j.lease_owner = None
+                if j.kind in INTERNAL_KINDS and j.state != "queued":
+                    self.db.bump(s)  # an engine build ended without an engine: replicas waiting for it re-check
             return out

@@ -6,6 +6,7 @@ Records are frozen dataclasses detached from any database session.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,7 @@ class JobRecord:
     lease_owner: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    target: str | None = None  # the hardware the job must run on (build jobs); None: any worker
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ def job_record(j: JobRow) -> JobRecord:
         lease_owner=j.lease_owner,
         created_at=j.created_at,
         updated_at=j.updated_at,
+        target=j.target,
     )
 
 
@@ -155,3 +158,9 @@ def new_variant_row(version_id: int, nv: NewVariant) -> VariantRow:
         runnable_sha256=nv.runnable_sha256,
         details=nv.details,
     )
+
+
+def new_job_row(kind: str, name: str, number: int, spec: dict[str, Any], target: str | None = None) -> JobRow:
+    """A queued job row, for the caller's transaction (``JobQueue.create``, and engine requests that insert
+    the engine and its build job together)."""
+    return JobRow(id=str(uuid.uuid4()), kind=kind, model_name=name, version=number, spec=spec, target=target)

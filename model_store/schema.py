@@ -97,3 +97,42 @@ class JobRow(Base):
     lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    #: the hardware a job must run on (build jobs: "cpu-x86_64-avx2", "gpu-nvidia-l4-sm89"); NULL: any worker
+    target: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class EngineRow(Base):
+    """One engine: what a builder made (or is making) from a variant's runnable artifact for one target.
+
+    ``state`` is what the build job last wrote (queued, building, ready, failed); readers reconcile it with the
+    job's own state (``model_store.engines``), so a job that died or was cancelled reads as failed."""
+
+    __tablename__ = "engines"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)  # EngineKey.digest
+    variant_sha256: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    builder: Mapped[str] = mapped_column(String(32), nullable=False)
+    target: Mapped[str] = mapped_column(String(128), nullable=False)
+    precision: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    engine_key: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)  # EngineKey.to_dict()
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
+    error: Mapped[str | None] = mapped_column(String(4000), nullable=True)
+    blob_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    build_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    job_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class TimingCacheRow(Base):
+    """TensorRT's timing cache for one GPU target and runtime (``backends.engines.timing_cache_name``), kept as a
+    blob and reused by every build on that target so later builds skip the kernel timing already done."""
+
+    __tablename__ = "timing_caches"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    target: Mapped[str] = mapped_column(String(128), nullable=False)
+    blob_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

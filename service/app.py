@@ -104,13 +104,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
-    from service.routes import jobs, management, metrics, repository, v2
+    from service.routes import engines, jobs, management, metrics, repository, v2
 
     app.include_router(v2.router)  # first: the infer routes are matched before anything else
     app.include_router(v2.health_router)
     app.include_router(repository.router)
     app.include_router(management.router)
     app.include_router(jobs.router)
+    app.include_router(engines.router)
     app.include_router(metrics.router)
     # The hot path also answers through plain Starlette routes, matched before everything else: FastAPI's
     # per-request route machinery (dependency solving, parameter validation) measured about 60 us of a

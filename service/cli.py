@@ -120,12 +120,21 @@ def show(name: str, server: ServerOpt = "http://127.0.0.1:8000") -> None:
 @app.command()
 def worker(
     parent_pid: Annotated[int | None, typer.Option(help="exit when this process is gone")] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            help="engine build targets to claim builds for: auto (this machine's CPU and GPUs), none, or a "
+            "comma-separated list of this machine's targets (default: SLIMSERVE_WORKER_TARGETS or auto)"
+        ),
+    ] = None,
 ) -> None:
-    """Run compression jobs from the catalogue (several workers may share one catalogue safely)."""
+    """Run jobs from the catalogue: compression, and engine builds for this machine's targets (several workers
+    may share one catalogue safely)."""
     import signal
     import threading
 
     from backends import BackendUnavailable, require_onnxruntime
+    from backends.targets import resolve_targets
     from compression.worker import JobWorker
     from service.settings import Settings
 
@@ -136,11 +145,21 @@ def worker(
         raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     settings = Settings()
+    try:
+        advertised = resolve_targets(targets if targets is not None else settings.worker_targets)
+    except ValueError as e:
+        console.print(f"[red]slimserve worker cannot start:[/red] --targets: {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     store = settings.open_store()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    JobWorker(store, lease_s=settings.job_lease_s, max_attempts=settings.job_max_attempts).run_forever(stop, parent_pid)
+    JobWorker(
+        store,
+        lease_s=settings.job_lease_s,
+        max_attempts=settings.job_max_attempts,
+        targets=tuple(t.id for t in advertised),
+    ).run_forever(stop, parent_pid)
     store.close()
 
 

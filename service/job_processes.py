@@ -33,6 +33,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
             "SLIMSERVE_BLOB_DIR": str(settings.resolved_blob_dir),
             "SLIMSERVE_JOB_LEASE_S": str(settings.job_lease_s),
             "SLIMSERVE_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
+            "SLIMSERVE_WORKER_TARGETS": settings.worker_targets,
         }
     )
     for key in ("s3_bucket", "s3_prefix", "s3_endpoint_url", "s3_region"):

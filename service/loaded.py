@@ -9,6 +9,10 @@ the catalogue ahead of this process.
 
 A name the catalogue knows but this process has not loaded yet answers 503 "loading" with Retry-After;
 only a name the catalogue does not know answers 404 (``resolve``).
+
+Variants whose backend serves a prebuilt engine go through ``service.engine_loader``: a GPU variant waits for its
+engine (503 "waiting for its engine") unless its config names a fallback; a CPU one serves its plain model until
+the engine is ready. The engine's state change moves the catalogue revision, and the sync swaps the engine in.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from typing import Any
 
 from backends import Backend, BackendError, BackendOptions, TensorSpec, WarmupTimeout, is_batchable, load_backend
 from backends.gpu_options import DEFAULT_WORKSPACE_BYTES
-from model_store import ModelRecord, ModelStore, VariantRecord, VersionRecord
+from backends.onnx_model import model_interface, parse_model
+from model_store import EngineRecord, ModelRecord, ModelStore, VariantRecord, VersionRecord
+from service.engine_loader import EngineLoader, EngineNotReady, EngineStatus
 from service.errors import ApiError, BadRequest, NotFound, Unavailable
 from service.metrics import Metrics, VariantMetrics
 from service.model_config import ModelConfig
@@ -57,6 +63,7 @@ class ServedVariant:
     config: ModelConfig
     warmup: WarmupReport
     backend_info: dict[str, Any] = field(default_factory=dict)
+    engine: EngineStatus | None = None  # its engine's state here, for variants whose backend has a builder
 
     @property
     def warmed(self) -> bool:
@@ -79,6 +86,7 @@ class LoadedInstances:
     instances: list[Backend]
     seconds: float
     warmup: WarmupReport
+    engine: EngineStatus | None = None
 
     def unload(self) -> None:
         for b in self.instances:
@@ -90,6 +98,8 @@ class LoadFailure:
     sha256: str
     reason: str
     backend: str = ""
+    engine: EngineStatus | None = None  # an engine-built variant: its engine's state when it failed
+    waiting: bool = False  # not a failure: the engine is being built (no fallback configured)
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,7 @@ class LoadedVariants:
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        self.engines = EngineLoader(settings, store)
         self._versions: dict[tuple[str, int], ServedVersion] = {}
         #: model -> its highest loaded version, kept by _index() so resolve() does no scan per request
         self._latest: dict[str, int] = {}
@@ -180,6 +191,11 @@ class LoadedVariants:
             if not key:
                 continue
             failure = self._failures.get((model, n, key))
+            if failure and failure.waiting:
+                return Unavailable(
+                    f"variant {key!r} of {model} version {n} is {failure.reason}; it serves once the engine is built",
+                    self._retry_after(),
+                )
             if failure:
                 return Unavailable(f"variant {key!r} of {model} version {n} failed to load: {failure.reason}")
             if known is not None and known.loaded and key in known.variants:
@@ -271,6 +287,9 @@ class LoadedVariants:
         f = self._failures.get((model, number, variant))
         return f.reason if f else None
 
+    def load_failure(self, model: str, number: int, variant: str) -> LoadFailure | None:
+        return self._failures.get((model, number, variant))
+
     # -- loading ------------------------------------------------------------------------------------
 
     def backend_options(self, config: ModelConfig) -> BackendOptions:
@@ -300,15 +319,19 @@ class LoadedVariants:
         calibration: bytes | Path | None = None,
         *,
         strict: bool = False,
+        engine_dir: Path | None = None,
     ) -> LoadedInstances:
         """Create and warm up the backend instances for one variant (blocking: call off the loop).
 
         ``calibration`` is the version's calibration .npz (its first sample is a warm-up sample). ``strict``
         (uploads): a warm-up that fails on the user's own samples refuses the model; otherwise only a
-        warm-up past its deadline or out of memory does (``_warm``).
+        warm-up past its deadline or out of memory does (``_warm``). ``engine_dir``: the variant's prebuilt
+        engine, unpacked (``service.engine_loader``).
         """
         t0 = time.perf_counter()
         opts = self.backend_options(config)
+        if engine_dir is not None:
+            opts.extra["engine_dir"] = str(engine_dir)
         out: list[Backend] = []
         try:
             for _ in range(config.instances or self.settings.default_instances):
@@ -365,6 +388,7 @@ class LoadedVariants:
         vm = self.metrics.bind(record.model, record.number, variant.name, b0.name)
         vm.load.observe(loaded.seconds)
         vm.size.set(variant.size_bytes)
+        vm.engine_fallback.set(1 if loaded.engine is not None and not loaded.engine.used else 0)
         # The original is the reference (0 by definition); other variants export only a measured delta.
         delta = (
             0.0 if variant.kind == "original" and variant.name == "original" else variant.details.get("accuracy_delta")
@@ -405,6 +429,7 @@ class LoadedVariants:
             config=config,
             warmup=loaded.warmup,
             backend_info=b0.describe(),
+            engine=loaded.engine,
         )
 
     @contextlib.asynccontextmanager
@@ -430,8 +455,8 @@ class LoadedVariants:
             current = self._versions.get((record.model, record.number))
             variants = dict(current.variants) if current else {}
             for v in record.variants:
-                if v.name not in loaded:
-                    continue
+                if v.name not in loaded or not loaded[v.name].instances:
+                    continue  # not loaded by the upload (an engine-built GPU backend): the sync loads it
                 have = variants.get(v.name)
                 if have is not None and have.record.runnable_sha256 == v.runnable_sha256:
                     loaded[v.name].unload()
@@ -461,16 +486,60 @@ class LoadedVariants:
         asyncio.get_running_loop().run_in_executor(None, sv.scheduler.stop)
 
     def _load_variant_blocking(
-        self, variant: VariantRecord, config: ModelConfig, calibration: str | None
+        self, variant: VariantRecord, config: ModelConfig, record: VersionRecord
     ) -> LoadedInstances:
         data = self.store.blobs.get_bytes(variant.runnable_sha256)
         samples = None
+        calibration = record.calibration_sha256
         if calibration is not None:
             try:
                 samples = self.store.blobs.local_path(calibration)
             except Exception as e:  # warm-up then uses made-up inputs; the variant still loads
                 log.warning("calibration blob %s unreadable for warm-up: %s", calibration, e)
-        return self.build_instances(data, config, samples)
+        builder = self.engines.builder_for(config)
+        if builder is None:
+            return self.build_instances(data, config, samples)
+        opts = self.backend_options(config)
+        inputs = _inputs_of(variant, record, data)
+        engine = self.engines.request(builder, variant.runnable_sha256, inputs, opts, record.model, record.number)
+        loaded = self.engines.load(engine, config, lambda c, d: self.build_instances(data, c, samples, engine_dir=d))
+        loaded.engine = engine
+        return loaded
+
+    async def _engine_swap_due(
+        self, sv: ServedVariant, config: ModelConfig, record: VersionRecord, states: dict[str, EngineRecord]
+    ) -> bool:
+        """True when a served variant should be loaded again to serve its engine, which is ready now."""
+        builder = self.engines.builder_for(config)
+        engine = sv.engine
+        if builder is None or (engine is not None and engine.used):
+            return False
+        if engine is None:  # served without asking for its engine (an upload installs the plain model first)
+            opts = self.backend_options(config)
+            args = (builder, sv.record.runnable_sha256, sv.inputs, opts, record.model, record.number)
+            try:
+                sv.engine = engine = await asyncio.to_thread(self.engines.request, *args)
+            except Exception as e:  # no engine here (a database hiccup): it keeps serving, and the next sync asks
+                log.warning("could not ask for the engine of %s:%s/%s: %s", sv.model, sv.variant, sv.version, e)
+                return False
+            engine.fallback = "plain model"
+            sv.metrics.engine_fallback.set(1)
+            return engine.state == "ready"
+        rec = states.get(engine.digest)
+        if rec is None or rec.state == engine.state:
+            return False
+        engine.update(rec)
+        return rec.state == "ready"
+
+    def _pending_engines(self) -> list[str]:
+        """Digests whose state changes matter to this process: engines it serves without, or waits for."""
+        out = [
+            sv.engine.digest
+            for ver in self._versions.values()
+            for sv in ver.variants.values()
+            if sv.engine is not None and not sv.engine.used
+        ]
+        return out + [f.engine.digest for f in self._failures.values() if f.engine is not None]
 
     async def sync(self, force: bool = False) -> None:
         """Make the loaded set match the catalogue's desired state."""
@@ -481,16 +550,21 @@ class LoadedVariants:
             models = await asyncio.to_thread(self.store.catalog.list_models)
             self._learn(models, revision)  # before loading: what is about to load answers 503, not 404
             desired = {(m.name, v.number): v for m in models for v in m.versions if v.loaded}
-            for key in [k for k in self._versions if k not in desired]:
+            pending = self._pending_engines()
+            states = await asyncio.to_thread(self.engines.states, pending) if pending else {}
+            removed = [k for k in self._versions if k not in desired]
+            for key in removed:
                 for sv in self._versions.pop(key).variants.values():
                     self._retire(sv)
                 self._index()
+            if removed or not self.synced_once:  # unpacked engines of deleted variants go with them
+                await asyncio.to_thread(self.engines.prune_local)
             deferred = False
             for key, record in desired.items():
                 if record.model in self._installing and key not in self._versions:
                     deferred = True  # its upload installs it; if that fails, the next sync loads it
                     continue
-                await self._sync_version(record)
+                await self._sync_version(record, states)
             for k in [k for k in self._failures if (k[0], k[1]) not in desired]:
                 f = self._failures.pop(k)
                 self.metrics.forget_failed(k[0], k[1], k[2], f.backend)
@@ -498,7 +572,7 @@ class LoadedVariants:
                 self._revision = revision
             self.synced_once = True
 
-    async def _sync_version(self, record: VersionRecord) -> None:
+    async def _sync_version(self, record: VersionRecord, states: dict[str, EngineRecord]) -> None:
         key = (record.model, record.number)
         current = self._versions.get(key)
         have = current.variants if current else {}
@@ -512,18 +586,34 @@ class LoadedVariants:
         for v in record.variants:
             sv = have.get(v.name)
             if sv is not None and sv.record.runnable_sha256 == v.runnable_sha256:
-                variants[v.name] = sv
-                continue
+                if not await self._engine_swap_due(sv, config, record, states):
+                    variants[v.name] = sv
+                    continue
+                # its engine is ready: load the variant with it below; sv serves until the swap
+            else:
+                sv = None
             fkey = (record.model, record.number, v.name)
             failed = self._failures.get(fkey)
             if failed and failed.sha256 == v.runnable_sha256:
-                continue  # it failed before and has not changed: don't retry on every sync
+                rec = states.get(failed.engine.digest) if failed.engine is not None else None
+                if rec is None or failed.engine is None or rec.state == failed.engine.state:
+                    continue  # it failed before and nothing it depends on has changed: don't retry on every sync
+                if failed.waiting and rec.state in ("queued", "building"):
+                    failed.engine.update(rec)  # still waiting: no reason to read the model again
+                    failed.reason = str(EngineNotReady(failed.engine))
+                    continue
             try:
-                loaded = await asyncio.to_thread(self._load_variant_blocking, v, config, record.calibration_sha256)
+                loaded = await asyncio.to_thread(self._load_variant_blocking, v, config, record)
             except Exception as e:  # a broken artifact must not stop the others from loading
-                log.error("could not load %s:%s version %s: %s", record.model, v.name, record.number, e)
-                self._failures[fkey] = LoadFailure(v.runnable_sha256, str(e)[:500], config.backend)
-                self.metrics.mark_failed(record.model, record.number, v.name, config.backend)
+                if sv is not None:  # a swap that failed: the variant keeps serving as it did
+                    log.error("could not swap in the engine of %s:%s/%s: %s", record.model, v.name, record.number, e)
+                    variants[v.name] = sv
+                    continue
+                engine = e.engine if isinstance(e, EngineNotReady) else None
+                waiting = isinstance(e, EngineNotReady) and e.waiting
+                (log.info if waiting else log.error)("%s:%s version %s: %s", record.model, v.name, record.number, e)
+                self._failures[fkey] = LoadFailure(v.runnable_sha256, str(e)[:500], config.backend, engine, waiting)
+                self.metrics.mark_failed(record.model, record.number, v.name, config.backend, waiting)
                 continue
             if fkey in self._failures:
                 self.metrics.forget_failed(record.model, record.number, v.name, self._failures.pop(fkey).backend)
@@ -547,6 +637,17 @@ def _version_number(version: str | None) -> int | None:
         return int(version)
     except ValueError:
         raise BadRequest(f"version must be an integer, not {version!r}") from None
+
+
+def _inputs_of(variant: VariantRecord, record: VersionRecord, data: bytes) -> list[TensorSpec]:
+    """A variant's inputs as the upload recorded them (compression keeps the original's interface), so that the
+    engine key costs no second parse of a large model; parsed from ``data`` when nothing was recorded."""
+    original = record.variant("original")
+    for details in (variant.details, original.details if original is not None else {}):
+        recorded = details.get("inputs")
+        if isinstance(recorded, list) and recorded:
+            return [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in recorded]
+    return model_interface(parse_model(data))[0]
 
 
 def _calibration_sample(source: bytes | Path, inputs: list[TensorSpec]) -> dict[str, Any] | None:

@@ -111,6 +111,19 @@ class Metrics:
             LABELS,
             registry=r,
         )
+        self.variant_engine_fallback = Gauge(
+            "slimserve_variant_engine_fallback",
+            "1 while the variant serves without its engine: on its engine_fallback backend (GPU), or as the plain "
+            "ONNX model (CPU), until the engine is built and swapped in.",
+            LABELS,
+            registry=r,
+        )
+        self.variant_engine_waiting = Gauge(
+            "slimserve_variant_engine_waiting",
+            "1 while the variant is not served because its engine is still being built (no fallback configured).",
+            LABELS,
+            registry=r,
+        )
 
         self.client_aborts = Counter(
             "slimserve_client_aborts_total",
@@ -146,19 +159,22 @@ class Metrics:
             load=self.load_duration.labels(*lv),
             size=self.variant_size.labels(*lv),
             ready=self.variant_ready.labels(*lv),
+            engine_fallback=self.variant_engine_fallback.labels(*lv),
         )
 
     def set_accuracy_delta(self, labels: tuple[str, str, str, str], delta: float) -> None:
         """Only measured deltas are exported: a missing series means unknown, not 'no loss'."""
         self.variant_accuracy_delta.labels(*labels).set(delta)
 
-    def mark_failed(self, model: str, version: int, variant: str, backend: str) -> None:
-        """A variant that failed to load stays visible as not ready (alerts key on the 0)."""
+    def mark_failed(self, model: str, version: int, variant: str, backend: str, waiting: bool = False) -> None:
+        """A variant that failed to load (or waits for its engine) stays visible as not ready (alerts key on the 0)."""
         self.variant_ready.labels(model, str(version), variant, backend).set(0)
+        self.variant_engine_waiting.labels(model, str(version), variant, backend).set(1 if waiting else 0)
 
     def forget_failed(self, model: str, version: int, variant: str, backend: str) -> None:
-        with contextlib.suppress(KeyError):
-            self.variant_ready.remove(model, str(version), variant, backend)
+        for metric in (self.variant_ready, self.variant_engine_waiting):
+            with contextlib.suppress(KeyError):
+                metric.remove(model, str(version), variant, backend)
 
     def forget(self, vm: VariantMetrics) -> None:
         """Drop an unloaded variant's series so label sets stay bounded by what is loaded."""
@@ -173,6 +189,7 @@ class Metrics:
             self.variant_size,
             self.variant_accuracy_delta,
             self.variant_ready,
+            self.variant_engine_fallback,
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(*vm.labels)
@@ -198,3 +215,4 @@ class VariantMetrics:
     load: Histogram
     size: Gauge
     ready: Gauge
+    engine_fallback: Gauge

@@ -19,6 +19,7 @@ SERVER_OWNED = {
     "engine_cache_dir": "the server (engines are cached under SLIMSERVE_DATA_DIR/engines)",
     "max_batch_size": "the top-level config field max_batch_size",
     "device_id": "the deployment (CUDA_VISIBLE_DEVICES or the GPU pool; each process serves on its device 0)",
+    "engine_dir": "the server (a variant's prebuilt engine, fetched from the store and unpacked under engines/)",
 }
 #: elements of one made-up warm-up tensor (`fill` with a `shape`): 64 MiB of FP32
 MAX_WARMUP_ELEMENTS = 1 << 24
@@ -172,3 +173,22 @@ class ModelConfig(BaseModel):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     #: the variant that the plain model name serves; pins it against the automatic policy
     default_variant: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    #: onnxruntime-cpu: build the offline-optimized CPU engine of each variant (unset: SLIMSERVE_CPU_ENGINES)
+    cpu_engine: bool | None = None
+    #: onnxruntime-tensorrt / tensorrt: serve on this backend while the engine is built (or if its build failed)
+    #: instead of staying not ready; visible in the variant's engine state and slimserve_variant_engine_fallback
+    engine_fallback: Literal["onnxruntime-cuda"] | None = None
+
+    @model_validator(mode="after")
+    def _engine_fields_fit_the_backend(self) -> ModelConfig:
+        if self.cpu_engine and self.backend != "onnxruntime-cpu":
+            raise ValueError(f"cpu_engine applies to the onnxruntime-cpu backend, not {self.backend}")
+        if self.engine_fallback is not None:
+            if self.backend not in ("onnxruntime-tensorrt", "tensorrt"):
+                raise ValueError(
+                    f"engine_fallback applies to the engine-built GPU backends (onnxruntime-tensorrt, tensorrt), "
+                    f"not {self.backend}"
+                )
+            if self.precision == "int8":
+                raise ValueError("engine_fallback onnxruntime-cuda cannot serve int8: the CUDA EP has no int8 kernels")
+        return self

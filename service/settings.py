@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(30.0, ge=2.0)
     #: attempts before an interrupted job is failed instead of resumed
     job_max_attempts: int = Field(3, ge=1, le=20)
+    #: the engine build targets the server's own job workers (and `slimserve worker`) claim builds for: auto (this
+    #: machine's CPU and GPUs), none, or a comma-separated list of this machine's targets (backends/targets.py)
+    worker_targets: str = "auto"
+    #: build ONNX Runtime's offline-optimized CPU engine for onnxruntime-cpu variants (a model's config
+    #: `cpu_engine` decides for its own variants); the plain model serves until the engine is built
+    cpu_engines: bool = False
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -10,8 +10,14 @@ from service.loaded import LoadedVariants
 
 def variant_view(v: VariantRecord, version: VersionRecord, loaded: LoadedVariants) -> dict[str, Any]:
     served = loaded.served(version.model, version.number, v.name)
-    failure = loaded.failure(version.model, version.number, v.name)
-    state = "ready" if served else ("failed" if failure else ("unloaded" if not version.loaded else "loading"))
+    failed = loaded.load_failure(version.model, version.number, v.name)
+    failure = failed.reason if failed else None
+    if served:
+        state = "ready"
+    elif failed:
+        state = "waiting" if failed.waiting else "failed"  # waiting: for its engine (a GPU variant, no fallback)
+    else:
+        state = "unloaded" if not version.loaded else "loading"
     out: dict[str, Any] = {
         "name": v.name,
         "kind": v.kind,
@@ -29,6 +35,9 @@ def variant_view(v: VariantRecord, version: VersionRecord, loaded: LoadedVariant
             out["warmup_error"] = served.warmup.reason
     if failure:
         out["error"] = failure
+    engine = served.engine if served else (failed.engine if failed else None)
+    if engine is not None:
+        out["engine"] = engine.view()
     return out
 
 

@@ -47,6 +47,7 @@ def job_view(j: JobRecord) -> dict[str, Any]:
     return {
         "id": j.id,
         "kind": j.kind,
+        "target": j.target,
         "model": j.model,
         "version": j.version,
         "state": j.state,

@@ -233,7 +233,11 @@ async def pin_default(request: Request, name: str, version: int, body: DefaultVa
 
 @router.get("/gpus", responses=errors(401))
 async def gpus() -> dict[str, Any]:
-    """The GPUs, drivers and runtimes this process sees (what engines would be built for)."""
+    """The GPUs, drivers and runtimes this process sees, and its engine build targets."""
     from backends.gpu import environment_report
+    from backends.targets import detect_targets
 
-    return await asyncio.to_thread(environment_report)
+    def report() -> dict[str, Any]:
+        return {**environment_report(), "targets": [t.id for t in detect_targets()]}
+
+    return await asyncio.to_thread(report)

@@ -343,8 +343,11 @@ def test_gpu_pools_one_deployment_per_product_and_role(prod: list[dict[str, Any]
             assert c["image"] == "registry.example.com/ml/slimserve:0.1.0-gpu"
             assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
             assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
-            if role == "worker":
-                assert c["command"] == ["slimserve", "worker"]
+            if role == "worker":  # the pool claims the engine builds of its product's target (backends/targets.py)
+                from backends.targets import slug
+
+                target = f"gpu-{slug(p['product'])}-sm{p['computeCapability'].replace('.', '')}"
+                assert c["command"] == ["slimserve", "worker", "--targets", target]
                 assert "ports" not in c and "readinessProbe" not in c
                 assert pod_labels(d).get("slimserve.io/serving") is None
             else:

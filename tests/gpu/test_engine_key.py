@@ -20,11 +20,20 @@ from backends import BackendError, BackendOptions, BackendUnavailable, load_back
 from backends import gpu as gpuinfo
 from backends import onnxruntime_gpu as og
 from backends.base import InvalidInput, TensorSpec
-from backends.engines import EngineKey, RuntimeVersions, derive_profile, timing_cache_name, validate_profile
+from backends.engines import (
+    CPU_ENGINE_FORMAT,
+    EngineKey,
+    RuntimeVersions,
+    derive_profile,
+    engine_key_for,
+    timing_cache_name,
+    validate_profile,
+)
 from backends.gpu_options import GpuSettings, cuda_provider_options, profile_option_strings, tensorrt_provider_options
 from backends.onnxruntime_backend import OnnxRuntimeBackend
 from backends.ort_providers import check_providers
 from backends.precision import has_qdq, is_fp16_model, to_fp16
+from backends.targets import Target, gpu_target
 from tests.gpu import dynamic_seq_model, elem_types, load, qdq_linear, static_mlp
 from tests.onnx_models import mlp, mlp_reference
 
@@ -145,47 +154,53 @@ def test_cuda_runtime_version_from_the_pip_runtime() -> None:
 
 H100 = gpuinfo.GpuInfo(0, "NVIDIA H100 80GB HBM3", "GPU-a", "9.0", 81559 << 20, "550.54.15", "12.4")
 H200 = gpuinfo.GpuInfo(0, "NVIDIA H200", "GPU-b", "9.0", 143771 << 20, "550.54.15", "12.4")
-RUNTIME = RuntimeVersions(cuda_driver="12.4", cuda_runtime="12.9", tensorrt="10.13.3", onnxruntime="1.31.1")
+RUNTIME = RuntimeVersions(
+    cuda_driver="12.4", cuda_runtime="12.9", tensorrt="10.13.3", onnxruntime="1.31.1", driver="550.54.15"
+)
 SHA = hashlib.sha256(b"variant").hexdigest()
 PROFILE = {"x": {"min": [1, 4], "opt": [8, 4], "max": [8, 4]}}
+CPU = Target("cpu-x86_64-avx512vnni", "cpu")
+X4 = [TensorSpec("x", "FP32", (-1, 4))]
+GPU_OPTS = BackendOptions(precision="fp16", extra={"max_batch_size": 8, "workspace_bytes": 1 << 30})
 
 
 def native_key(**changes: Any) -> EngineKey:
-    base = EngineKey.create(
-        variant_sha256=SHA,
-        backend="tensorrt",
-        precision="fp16",
-        gpu=H100,
-        runtime=RUNTIME,
-        profile=PROFILE,
-        build_options={"workspace_bytes": 1 << 30, "optimization_level": None},
-    )
+    base = engine_key_for("tensorrt", SHA, X4, GPU_OPTS, gpu_target(H100), RUNTIME)
     return dataclasses.replace(base, **changes) if changes else base
 
 
 def ep_key(**changes: Any) -> EngineKey:
-    k = native_key(backend="onnxruntime-tensorrt", onnxruntime_version="1.31.1")
+    k = engine_key_for("onnxruntime-tensorrt", SHA, X4, GPU_OPTS, gpu_target(H100), RUNTIME)
     return dataclasses.replace(k, **changes) if changes else k
+
+
+def cpu_key(**changes: Any) -> EngineKey:
+    k = engine_key_for("onnxruntime-cpu", SHA, X4, BackendOptions(), CPU, RUNTIME)
+    return dataclasses.replace(k, **changes) if changes else k
+
+
+def runtime(**changes: Any) -> dict[str, Any]:
+    return {**native_key().runtime, **changes}
 
 
 CHANGES: dict[str, dict[str, Any]] = {
     "variant": {"variant_sha256": hashlib.sha256(b"other").hexdigest()},
-    "backend": {"backend": "onnxruntime-tensorrt", "onnxruntime_version": "1.31.1"},
+    "builder": {"builder": "onnxruntime-tensorrt", "runtime": {**runtime(), "onnxruntime": "1.31.1"}},
     "precision fp32": {"precision": "fp32"},
     "precision int8": {"precision": "int8"},
-    "gpu name (same architecture)": {"gpu_name": "NVIDIA H200"},
-    "compute capability": {"compute_capability": "8.9"},
-    "driver": {"driver_version": "580.95.05"},
-    "cuda driver": {"cuda_driver_version": "13.0"},
-    "cuda runtime": {"cuda_runtime_version": "13.0"},
-    "tensorrt minor": {"tensorrt_version": "10.14.1"},
-    "tensorrt major": {"tensorrt_version": "11.0.0"},
+    "gpu model (same architecture)": {"target": gpu_target(H200).id},
+    "compute capability": {"target": "gpu-nvidia-h100-80gb-hbm3-sm89"},
+    "driver": {"runtime": runtime(driver="580.95.05")},
+    "cuda driver": {"runtime": runtime(cuda_driver="13.0")},
+    "cuda runtime": {"runtime": runtime(cuda_runtime="13.0")},
+    "tensorrt minor": {"runtime": runtime(tensorrt="10.14.1")},
+    "tensorrt major": {"runtime": runtime(tensorrt="11.0.0")},
     "profile max batch": {"profile": {"x": {"min": [1, 4], "opt": [8, 4], "max": [16, 4]}}},
     "profile opt": {"profile": {"x": {"min": [1, 4], "opt": [4, 4], "max": [8, 4]}}},
     "sparse": {"sparse": True},
     "workspace": {"build_options": {"workspace_bytes": 2 << 30, "optimization_level": None}},
     "optimization level": {"build_options": {"workspace_bytes": 1 << 30, "optimization_level": 5}},
-    "schema": {"schema": 2},
+    "schema": {"schema": 3},
 }
 
 
@@ -200,8 +215,25 @@ def test_all_changed_keys_are_distinct() -> None:
 
 
 def test_ep_key_depends_on_the_onnxruntime_version() -> None:
-    assert ep_key().digest != ep_key(onnxruntime_version="1.32.0").digest
-    assert ep_key().digest != ep_key(tensorrt_version="11.0.0").digest
+    assert ep_key().digest != ep_key(runtime={**ep_key().runtime, "onnxruntime": "1.32.0"}).digest
+    assert ep_key().digest != ep_key(runtime={**ep_key().runtime, "tensorrt": "11.0.0"}).digest
+
+
+def test_cpu_key_is_target_and_onnxruntime_release() -> None:
+    k = cpu_key()
+    assert (k.builder, k.target, k.precision, k.profile, k.runtime) == (
+        "onnxruntime-cpu",
+        CPU.id,
+        None,
+        None,
+        {"onnxruntime": "1.31.1"},
+    )
+    assert k.build_options["format"] == CPU_ENGINE_FORMAT
+    assert cpu_key(target="cpu-x86_64-avx2").digest != k.digest  # an AVX2 machine gets its own engine
+    assert cpu_key(runtime={"onnxruntime": "1.32.0"}).digest != k.digest  # an ORT upgrade: another engine
+    # the GPU stack does not matter to a CPU engine: a TensorRT or driver upgrade keeps it
+    other_gpu_stack = dataclasses.replace(RUNTIME, tensorrt="11.0.0", driver="580.1", cuda_runtime="13.0")
+    assert engine_key_for("onnxruntime-cpu", SHA, X4, BackendOptions(), CPU, other_gpu_stack).digest == k.digest
 
 
 def test_digest_is_stable_and_canonical() -> None:
@@ -209,7 +241,7 @@ def test_digest_is_stable_and_canonical() -> None:
     assert re.fullmatch(r"[0-9a-f]{64}", a.digest)
     assert a.digest == native_key().digest
     text = a.canonical_json()
-    assert " " not in text.replace("NVIDIA H100 80GB HBM3", "")  # no whitespace but inside values
+    assert " " not in text
     assert json.loads(text) == a.to_dict()
     assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
     assert a.digest == hashlib.sha256(text.encode()).hexdigest()
@@ -236,31 +268,46 @@ def test_key_is_detached_from_the_callers_dicts() -> None:
 
 
 def test_round_trip_through_a_dict() -> None:
-    for k in (native_key(), ep_key(), native_key(sparse=True, precision="int8")):
+    for k in (native_key(), ep_key(), cpu_key(), native_key(sparse=True, precision="int8")):
         again = EngineKey.from_dict(json.loads(json.dumps(k.to_dict())))
         assert again == k and again.digest == k.digest
+    with pytest.raises(ValueError, match="not an engine key"):
+        EngineKey.from_dict({"builder": "tensorrt"})
 
 
-def test_create_fills_versions_per_backend() -> None:
+def test_engine_key_for_is_the_one_construction() -> None:
+    """The replica that looks an engine up and the job that builds it derive the same key from the same inputs."""
     k = native_key()
-    assert (k.gpu_name, k.compute_capability, k.driver_version) == ("NVIDIA H100 80GB HBM3", "9.0", "550.54.15")
-    assert (k.tensorrt_version, k.cuda_runtime_version, k.cuda_driver_version) == ("10.13.3", "12.9", "12.4")
-    assert k.onnxruntime_version is None  # a native engine does not depend on onnxruntime
-    e = EngineKey.create(
-        variant_sha256=SHA, backend="onnxruntime-tensorrt", precision="fp32", gpu=H100, runtime=RUNTIME, profile=PROFILE
-    )
-    assert e.onnxruntime_version == "1.31.1"
+    assert (k.target, k.precision, k.profile) == ("gpu-nvidia-h100-80gb-hbm3-sm90", "fp16", PROFILE)
+    assert k.runtime == {"tensorrt": "10.13.3", "cuda_runtime": "12.9", "cuda_driver": "12.4", "driver": "550.54.15"}
+    assert "onnxruntime" not in k.runtime  # a native engine does not depend on onnxruntime
+    assert ep_key().runtime["onnxruntime"] == "1.31.1"
+    assert k.build_options == {"workspace_bytes": 1 << 30, "optimization_level": None}
+    assert engine_key_for("tensorrt", SHA, X4, GPU_OPTS, gpu_target(H100), RUNTIME) == k
+    with pytest.raises(ValueError, match="TensorRT"):
+        engine_key_for("tensorrt", SHA, X4, GPU_OPTS, gpu_target(H100), dataclasses.replace(RUNTIME, tensorrt=None))
+    with pytest.raises(ValueError, match="needs a GPU target"):
+        engine_key_for("tensorrt", SHA, X4, GPU_OPTS, CPU, RUNTIME)
+    with pytest.raises(ValueError, match="dimension 1 is dynamic"):
+        engine_key_for("tensorrt", SHA, [TensorSpec("x", "FP32", (-1, -1))], GPU_OPTS, gpu_target(H100), RUNTIME)
 
 
-def test_matches_device_and_mismatches() -> None:
+def test_detect_takes_the_driver_from_the_device() -> None:
+    here = RuntimeVersions.detect(H100)
+    assert here.driver == "550.54.15" and here.cuda_driver == "12.4"
+    assert RuntimeVersions.detect().driver is None
+    assert here.for_builder("onnxruntime-cpu") == {"onnxruntime": ort.__version__}
+
+
+def test_mismatches_name_every_reason() -> None:
     k = native_key()
-    assert k.matches_device(H100)
-    assert not k.matches_device(H200)  # same architecture (9.0), another GPU model: tuned differently
-    assert not k.matches_device(dataclasses.replace(H100, compute_capability="8.9"))
-    assert k.mismatches(H100, RUNTIME) == []
-    why = k.mismatches(H200, dataclasses.replace(RUNTIME, tensorrt="11.0.0"))
-    assert any("GPU" in w for w in why) and any("TensorRT" in w for w in why)
-    assert any("driver" in w for w in k.mismatches(dataclasses.replace(H100, driver_version="580.1"), RUNTIME))
+    assert k.mismatches(k.target, RUNTIME) == []
+    why = k.mismatches(gpu_target(H200).id, dataclasses.replace(RUNTIME, tensorrt="11.0.0", driver="580.1"))
+    assert any("target" in w for w in why) and any("tensorrt" in w for w in why) and any("driver" in w for w in why)
+    assert cpu_key().mismatches(CPU.id, dataclasses.replace(RUNTIME, tensorrt="11.0.0")) == []
+    assert cpu_key().mismatches(CPU.id, dataclasses.replace(RUNTIME, onnxruntime="1.32.0")) == [
+        "onnxruntime 1.32.0 != 1.31.1"
+    ]
 
 
 def test_cache_locations(tmp_path: Any) -> None:
@@ -276,11 +323,13 @@ def test_cache_locations(tmp_path: Any) -> None:
     ("changes", "match"),
     [
         ({"variant_sha256": "abc"}, "64 lowercase hex"),
-        ({"backend": "onnxruntime-cuda"}, "engine backend"),
+        ({"builder": "onnxruntime-cuda"}, "engine builder"),
         ({"precision": "bf16"}, "precision"),
-        ({"tensorrt_version": ""}, "TensorRT version"),
-        ({"onnxruntime_version": "1.31.1"}, "does not depend on onnxruntime"),
-        ({"compute_capability": "sm_90"}, "compute capability"),
+        ({"runtime": runtime(tensorrt="")}, "TensorRT version"),
+        ({"runtime": {**runtime(), "onnxruntime": "1.31.1"}}, "records the versions"),
+        ({"target": "gpu-h100"}, "gpu-<product>-sm<cc> target"),
+        ({"target": "cpu-x86_64-avx2"}, "gpu-<product>-sm<cc> target"),
+        ({"profile": None}, "shape profile"),
         ({"profile": {"x": {"min": [9, 4], "opt": [8, 4], "max": [8, 4]}}}, "min <= opt <= max"),
     ],
 )
@@ -289,9 +338,23 @@ def test_invalid_keys_are_refused(changes: dict[str, Any], match: str) -> None:
         native_key(**changes)
 
 
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"target": "gpu-nvidia-l4-sm89"}, "cpu-<arch>-<isa level> target"),
+        ({"precision": "fp16"}, "no precision"),
+        ({"profile": PROFILE}, "no precision, shape profile"),
+        ({"runtime": {"onnxruntime": ""}}, "onnxruntime version"),
+    ],
+)
+def test_invalid_cpu_keys_are_refused(changes: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        cpu_key(**changes)
+
+
 def test_ep_key_needs_the_onnxruntime_version() -> None:
     with pytest.raises(ValueError, match="onnxruntime version"):
-        native_key(backend="onnxruntime-tensorrt")
+        ep_key(runtime={**ep_key().runtime, "onnxruntime": None})
 
 
 # -- shape profiles --------------------------------------------------------------------------------------------

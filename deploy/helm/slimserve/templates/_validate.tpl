@@ -28,6 +28,9 @@
 {{- if not .product -}}
 {{- fail (printf "gpu.products[%s].product: the nvidia.com/gpu.product node label value is required" .name) -}}
 {{- end -}}
+{{- if and .computeCapability (not (regexMatch "^[0-9]{1,2}[.][0-9]$" (toString .computeCapability))) -}}
+{{- fail (printf "gpu.products[%s].computeCapability %q: write it as a quoted string, e.g. \"9.0\"" .name (toString .computeCapability)) -}}
+{{- end -}}
 {{- end -}}
 {{- if le (int $v.api.terminationGracePeriodSeconds) (add (int $v.config.shutdownTimeoutS) (int $v.api.preStopSleepSeconds)) -}}
 {{- fail "api.terminationGracePeriodSeconds must exceed config.shutdownTimeoutS + api.preStopSleepSeconds, or the kubelet kills requests that are still draining" -}}
