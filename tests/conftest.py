@@ -18,6 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+# One BLAS thread in the test process and in every process it starts (set before numpy loads): on a 2-core
+# machine shared by the suite's own servers, OpenBLAS's spinning threads made a 0.5 s sklearn fit take 9 s.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("SLIMSERVE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
