@@ -2,8 +2,8 @@
 (grpc/codec.py): what an input must look like for the model, how many rows a request carries, which outputs
 it may ask for, and the BYTES (string) tensor representation.
 
-BYTES tensors are numpy object arrays of ``bytes`` inside the server (ONNX Runtime takes them for ``string``
-inputs and returns ``str`` for ``string`` outputs; ``output_bytes`` turns those back into bytes). On the wire:
+BYTES tensors are numpy object arrays of ``str`` inside the server: ONNX string tensors are UTF-8 text, and ONNX
+Runtime takes and returns ``str`` elements (a ``bytes`` element would be stored as its repr). On the wire:
 JSON strings (UTF-8), or the binary form both protocols share, each element as a 4-byte little-endian length
 followed by its bytes (Triton's binary extension and gRPC ``raw_input_contents``). Object arrays cost a Python
 object per element, so BYTES tensors have their own caps on element count and element length.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,27 +114,39 @@ def output_datatype(name: str, arr: np.ndarray) -> str:
 # -- BYTES ---------------------------------------------------------------------------------------------------------
 
 
-def bytes_array(name: str, items: Sequence[bytes], shape: list[int], limits: TensorLimits) -> np.ndarray:
-    """An object array of ``items`` (already bytes), with the element-length cap checked."""
+def bytes_input(name: str, items: Sequence[bytes], shape: list[int], limits: TensorLimits) -> np.ndarray:
+    """BYTES elements as the object array of ``str`` ONNX Runtime takes for a string input (it would store a
+    ``bytes`` element as its repr), with the element-length cap checked. ONNX string tensors are text: elements
+    that are not UTF-8 are refused."""
+    _check_lengths(name, items, limits)
+    try:
+        texts = [b.decode() for b in items]
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"input {name!r}: a BYTES element is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return _objects(texts, shape)
+
+
+def strings_input(name: str, values: Sequence[object], shape: list[int], limits: TensorLimits) -> np.ndarray:
+    """JSON BYTES data: every element a string."""
+    if not all(type(v) is str for v in values):
+        raise BadRequest(f"input {name!r}: BYTES data must be JSON strings")
+    _check_lengths(name, [v.encode() for v in values], limits)  # type: ignore[attr-defined]
+    return _objects(values, shape)
+
+
+def _check_lengths(name: str, items: Sequence[bytes], limits: TensorLimits) -> None:
     longest = max(map(len, items), default=0)
     if longest > limits.max_bytes_element_len:
         raise BadRequest(
             f"input {name!r} has a BYTES element of {longest} bytes, over the limit of "
             f"{limits.max_bytes_element_len} (SLIMSERVE_MAX_BYTES_ELEMENT_LEN)"
         )
-    arr = np.empty(len(items), dtype=OBJECT)
-    arr[:] = items
+
+
+def _objects(values: Sequence[object], shape: list[int]) -> np.ndarray:
+    arr = np.empty(len(values), dtype=OBJECT)
+    arr[:] = values
     return arr.reshape(shape)
-
-
-def strings_to_bytes(name: str, values: Iterable[object]) -> list[bytes]:
-    """JSON BYTES data: every element a string, sent as its UTF-8 bytes."""
-    out = []
-    for v in values:
-        if not isinstance(v, str):
-            raise BadRequest(f"input {name!r}: BYTES data must be JSON strings")
-        out.append(v.encode())
-    return out
 
 
 def split_length_prefixed(name: str, buf: bytes | memoryview, count: int) -> list[bytes]:
@@ -162,7 +174,7 @@ def split_length_prefixed(name: str, buf: bytes | memoryview, count: int) -> lis
 
 def output_bytes(arr: np.ndarray) -> list[bytes]:
     """A BYTES output's elements as bytes (ONNX Runtime returns ``str`` for string tensors)."""
-    return [v if isinstance(v, bytes) else str(v).encode() for v in arr.reshape(-1)]
+    return [v.encode() if isinstance(v, str) else bytes(v) for v in arr.reshape(-1)]
 
 
 def join_length_prefixed(items: list[bytes]) -> bytes:

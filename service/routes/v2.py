@@ -75,7 +75,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             sv.input_index,
             sv.output_names,
             sv.max_batch_size,
-            ctx.settings.max_tensor_elements,
+            ctx.limits,
         )
         outputs = await plane.submit(sv, req.inputs, req.outputs, req.rows, req.timeout_us)
         order = req.outputs or [o.name for o in sv.outputs]
