@@ -45,12 +45,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         await ctx.loaded.sync(force=True)
         syncer = asyncio.create_task(_sync_loop(ctx))
+        grpc_listener = None
+        if settings.grpc_port:  # imported here: a server with gRPC off never loads grpcio
+            from service.grpc.server import GrpcListener
+
+            grpc_listener = GrpcListener(ctx)
+            await grpc_listener.start()
         workers = JobProcessPool(settings)
         workers.start()
         try:
             yield
         finally:
             ctx.shutting_down = True
+            if grpc_listener is not None:
+                await grpc_listener.close()
             await workers.stop()
             syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -25,6 +25,9 @@ from backends.datatypes import v2_to_triton_config
 from service.loaded import LoadedVariants, ServedVariant
 from service.scheduler import SchedulerConfig
 
+#: the protocol extensions both front ends implement (REST GET /v2, gRPC ServerMetadata)
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration", "schedule_policy"]
+
 
 @dataclass(frozen=True)
 class Runtime:

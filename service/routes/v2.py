@@ -17,15 +17,13 @@ from service import __version__
 from service.auth import require_inference
 from service.errors import Unavailable
 from service.routes.common import ctx_of, errors, read_body
-from service.triton_views import all_statistics, describe, statistics, triton_config
+from service.triton_views import EXTENSIONS, all_statistics, describe, statistics, triton_config
 from service.triton_views import model_metadata as metadata_view
 from service.v2codec import HEADER_LENGTH, decode_request, decompress, encode_response
 
 router = APIRouter(tags=["inference (KServe v2)"], dependencies=[Depends(require_inference)])
 #: health stays open: Kubernetes probes and load balancers carry no token
 health_router = APIRouter(tags=["health"])
-
-EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration", "schedule_policy"]
 
 
 # The infer routes come first: routes are matched in order and this is the hot path.
