@@ -26,6 +26,7 @@ ADMIN = "admin-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 ADMIN_AUTH = {"authorization": f"Bearer {ADMIN}"}
 SMALL_CAP = 64 * 1024
+BYTES_LEN_CAP = 1000
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def srv(server_factory: ServerFactory) -> Server:
         SLIMSERVE_INFERENCE_TOKEN=TOKEN,
         SLIMSERVE_ADMIN_TOKEN=ADMIN,
         SLIMSERVE_MAX_INFER_BODY_BYTES=str(SMALL_CAP),
+        SLIMSERVE_MAX_BYTES_ELEMENT_LEN=str(BYTES_LEN_CAP),
     )
     with s.client(ADMIN) as c:
         for name, data in (("g-mlp", mlp()), ("g-types", identity_every_type()), ("g-str", string_join())):
@@ -125,6 +127,20 @@ def test_string_model_over_grpc(gc: Any) -> None:
     res = gc.infer("g-str", ins, headers=dict(AUTH))
     assert res.as_numpy("joined").tolist() == [[b"left", b"right"], ["é".encode(), b""]]
     assert res.as_numpy("first").tolist() == [[b"left"], ["é".encode()]]
+
+
+def test_a_bytes_element_over_the_cap_is_refused_by_both_protocols(gc: Any, srv: Server) -> None:
+    words = np.array([[b"ok"], [b"x" * (BYTES_LEN_CAP + 1)]], dtype=object)
+    ins = [grpcclient.InferInput(n, [2, 1], "BYTES") for n in ("a", "b")]
+    for i in ins:
+        i.set_data_from_numpy(words)
+    with pytest.raises(InferenceServerException) as e:
+        gc.infer("g-str", ins, headers=dict(AUTH))
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "SLIMSERVE_MAX_BYTES_ELEMENT_LEN" in e.value.message()
+    body = {"inputs": [{"name": n, "datatype": "BYTES", "shape": [2, 1], "data": ["ok", "x" * 1001]} for n in "ab"]}
+    with srv.client(TOKEN) as c:
+        r = c.post("/v2/models/g-str/infer", json=body)
+    assert r.status_code == 400 and "SLIMSERVE_MAX_BYTES_ELEMENT_LEN" in r.json()["error"]
 
 
 def test_health_metadata_config_statistics_repository(gc: Any, srv: Server) -> None:
