@@ -18,7 +18,7 @@ import common
 import numpy as np
 
 sys.path.insert(0, str(common.REPO))
-from tests.compression import digits as D  # noqa: E402
+from tests.compression import digits as D
 
 MODEL_CONFIG = {"max_batch_size": 64, "instances": 1, "batching": {"enabled": True, "max_queue_delay_us": 0}}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +19,7 @@ from service import __version__
 from service.context import AppContext
 from service.errors import ApiError, SetupError
 from service.job_processes import JobProcessPool
+from service.loaded import settle_heap
 from service.settings import Settings
 
 log = logging.getLogger("slimserve")
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 len(report.missing),
             )
         await ctx.loaded.sync(force=True)
-        settle_heap()
+        settle_heap()  # the imports and whatever the first sync loaded (loaded.py settles after later loads)
         syncer = asyncio.create_task(_sync_loop(ctx))
         grpc_listener = None
         if settings.grpc_port:  # imported here: a server with gRPC off never loads grpcio
@@ -140,26 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def settle_heap() -> None:
-    """Collect, then move every object alive now out of the cyclic collector's reach (``gc.freeze``).
-
-    The server's long-lived heap (imported modules, FastAPI, pydantic, SQLAlchemy, ONNX and the loaded variants:
-    ~150k objects) is otherwise traversed by every full collection, which the request path's allocations
-    trigger every few seconds under load: each one stopped the event loop and the instance threads for 100-200
-    ms on one core, and was the p99 at concurrency 32 (docs/benchmarks/tail.md). Frozen objects are still freed
-    by reference counting; only cyclic garbage among them would stay, and the collect before the freeze leaves
-    none. Called at start and whenever the set of loaded variants changed."""
-    gc.collect()
-    gc.freeze()
-
-
-def _loaded_signature(ctx: AppContext) -> frozenset[int]:
-    return frozenset(id(sv) for ver in ctx.loaded.served_versions() for sv in ver.variants.values())
-
-
 async def _sync_loop(ctx: AppContext) -> None:
     wake = ctx.loaded.wake  # set by a request that found the catalogue ahead of this process
-    settled = _loaded_signature(ctx)
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), ctx.settings.sync_interval_s)
@@ -168,7 +150,3 @@ async def _sync_loop(ctx: AppContext) -> None:
             await ctx.loaded.sync()
         except Exception:
             log.exception("catalogue sync failed; retrying")
-        now = _loaded_signature(ctx)  # variants loaded by the sync or by an upload since the last settle
-        if now != settled:
-            settle_heap()
-            settled = now
