@@ -471,7 +471,12 @@ class LoadedVariants:
         default = record.default_variant or next(iter(variants), "")
         self._versions[key] = ServedVersion(record.model, record.number, default, variants)
         self._index()
-        settle_heap()
+        if (
+            old is None
+            or old.variants.keys() != variants.keys()
+            or any(old.variants[k] is not sv for k, sv in variants.items())
+        ):
+            settle_heap()  # a variant was loaded or replaced
         if old:
             for name, sv in old.variants.items():
                 if variants.get(name) is not sv:
