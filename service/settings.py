@@ -98,6 +98,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
+        if self.grpc_port and self.grpc_port in (self.port, self.management_port, self.metrics_port):
+            raise ValueError(f"SLIMSERVE_GRPC_PORT {self.grpc_port} is also an HTTP port: give gRPC its own (0: off)")
         if self.admin_token is None and self.admin_token_file is not None:
             self.admin_token = SecretStr(self.admin_token_file.read_text().strip())
         if self.inference_token is None and self.inference_token_file is not None:
