@@ -87,7 +87,7 @@ def decode_request(
             outputs.append(name)
     _refuse_shared_memory("the request", req.parameters)
     timeout = None
-    if "timeout" in req.parameters:
+    if len(req.parameters) and "timeout" in req.parameters:
         p = req.parameters["timeout"]
         if p.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param") or p.int64_param < 0:
             raise BadRequest("the 'timeout' parameter must be a non-negative integer (microseconds)")
@@ -96,7 +96,7 @@ def decode_request(
 
 
 def _refuse_shared_memory(what: str, params: Any) -> None:
-    if any(k in params for k in _UNSUPPORTED_PARAMS):
+    if len(params) and any(k in params for k in _UNSUPPORTED_PARAMS):
         raise BadRequest(f"{what}: the shared-memory extensions are not supported")
 
 
