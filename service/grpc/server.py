@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.context import AppContext
 from service.errors import SetupError
+from service.grpc._generated import POOL
 from service.grpc._generated import grpc_service_pb2 as pb
 from service.grpc.services import InferenceService, register
 
@@ -42,9 +43,13 @@ class GrpcListener:
         register(InferenceService(ctx), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # The stubs live in their own descriptor pool (_generated/__init__.py): reflection answers from it, so the
+        # health service's file goes there too.
+        POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
+            pool=POOL,
         )
         address = f"{settings.host}:{settings.grpc_port}"
         try:
