@@ -90,6 +90,11 @@ def main() -> None:
         ]
         for r in c1:
             print(r.line(), flush=True)
+        # the C++ client at c=8 on slimserve: is grpc_load or the server the limit of the rounds above?
+        ref = common.perf_analyzer(
+            slim, "mlp", concurrency=8, cpus=client_cpus, target="slimserve gRPC (perf_analyzer)", protocol="grpc"
+        )
+        print(ref.line(), flush=True)
     (inproc,) = overhead.in_process(model, args.seconds, [1], server_cpus)
     print(inproc.line())
 
@@ -107,10 +112,10 @@ def main() -> None:
         f"c=1 added over in-process p50 {inproc.p50_ms:.3f} ms: REST {rest_add:.3f} ms, gRPC {grpc_add:.3f} ms -> "
         f"{'PASS' if grpc_add <= rest_add else 'FAIL'}"
     )
-    print(common.table([r.row() for r in [*results, *c1, inproc]]))
+    print(common.table([r.row() for r in [*results, *c1, ref, inproc]]))
     for line in lines:
         print(line)
-    common.save("grpc_peers", {"results": [*results, *c1, inproc], "summary": lines, "machine": common.machine_notes()})
+    common.save("grpc_peers", {"results": [*results, *c1, ref, inproc], "summary": lines, "machine": common.machine_notes()})
 
 
 if __name__ == "__main__":
