@@ -115,7 +115,8 @@ def main() -> None:
     print(common.table([r.row() for r in [*results, *c1, ref, inproc]]))
     for line in lines:
         print(line)
-    common.save("grpc_peers", {"results": [*results, *c1, ref, inproc], "summary": lines, "machine": common.machine_notes()})
+    everything = [*results, *c1, ref, inproc]
+    common.save("grpc_peers", {"results": everything, "summary": lines, "machine": common.machine_notes()})
 
 
 if __name__ == "__main__":
