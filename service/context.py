@@ -9,6 +9,7 @@ from service.dataplane import DataPlane
 from service.loaded import LoadedVariants
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tensors import TensorLimits
 
 
 @dataclass
@@ -18,6 +19,7 @@ class AppContext:
     metrics: Metrics
     loaded: LoadedVariants
     plane: DataPlane
+    limits: TensorLimits
     shutting_down: bool = False
     background: set[object] = field(default_factory=set)
 
@@ -27,4 +29,4 @@ class AppContext:
         store = settings.open_store()
         metrics = Metrics()
         loaded = LoadedVariants(settings, store, metrics)
-        return cls(settings, store, metrics, loaded, DataPlane(loaded))
+        return cls(settings, store, metrics, loaded, DataPlane(loaded), settings.tensor_limits)

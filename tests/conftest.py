@@ -41,6 +41,7 @@ class Server:
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    grpc_port: int = 0  # 0: the gRPC listener is off
     extra_args: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 60.0) -> None:
@@ -100,9 +101,15 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerF
         d = data_dir or tmp_path_factory.mktemp("slimserve")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
         full_env.update(
-            {"SLIMSERVE_SYNC_INTERVAL_S": "0.5", "SLIMSERVE_JOB_WORKERS": "0", "PYTHONUNBUFFERED": "1", **env}
+            {
+                "SLIMSERVE_SYNC_INTERVAL_S": "0.5",
+                "SLIMSERVE_JOB_WORKERS": "0",
+                "PYTHONUNBUFFERED": "1",
+                "SLIMSERVE_GRPC_PORT": str(free_port()),  # never the default 8001: servers run side by side
+                **env,
+            }
         )
-        s = Server(f"http://127.0.0.1:{port}", port, d, full_env)
+        s = Server(f"http://127.0.0.1:{port}", port, d, full_env, grpc_port=int(full_env["SLIMSERVE_GRPC_PORT"]))
         started.append(s)
         if start:
             s.start()
