@@ -142,15 +142,16 @@ def measure_latency(
 
 
 def compare_latency(
-    a: bytes, b: bytes, inputs: dict[str, np.ndarray] | Samples, rounds: int = 30, threads: int = 0
+    a: bytes, b: bytes, inputs: dict[str, np.ndarray] | Samples, rounds: int = 30, threads: int = 0, batch: int = 1
 ) -> Comparison:
     """Time model ``a`` against model ``b`` interleaved on the same feed (``compression.timing``).
 
-    The feed is one batch: one sample, or the model's fixed batch size. The ratio is t_a / t_b.
+    The feed is one batch: ``batch`` samples (fewer when there are fewer), or the model's fixed batch size. The
+    ratio is t_a / t_b.
     """
     data_a, data_b = _as_onnx_bytes(a), _as_onnx_bytes(b)
     samples = check_feeds(parse_model(data_a), inputs, what="input")
-    feed = next(samples.batches(1))
+    feed = next(samples.batches(batch))
     options = BackendOptions(intra_op_threads=threads)
     backend_a = load_backend(BACKEND, data_a, options)
     try:
