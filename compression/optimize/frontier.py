@@ -43,8 +43,10 @@ def pareto(rows: list[dict[str, Any]], objective: str) -> set[str]:
 
 
 def candidates(rows: list[dict[str, Any]], objective: str) -> list[dict[str, Any]]:
-    """Finished trials within tolerance, other than the original, cheapest first."""
-    ok = [r for r in finished(rows) if r.get("within_tolerance") and r.get("chain")]
+    """Finished trials within tolerance that measured better than the original (``rows[0]``) on the objective,
+    cheapest first."""
+    base = cost(rows[0], objective)
+    ok = [r for r in finished(rows) if r.get("within_tolerance") and r.get("chain") and cost(r, objective) < base]
     return sorted(ok, key=lambda r: (cost(r, objective), r["loss"]))
 
 

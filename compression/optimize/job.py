@@ -82,11 +82,19 @@ def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, A
     if choice is None:
         near = frontier.closest(rows)
         result.update(choice=None, variant=None, default_variant=version.default_variant)
-        result["message"] = "no variant within tolerance" + (
-            f"; the closest was {frontier.describe(near)} with loss {near['loss']:.4g} (tolerance {spec.tolerance:g})"
-            if near
-            else "; no trial finished"
-        )
+        within = [r for r in rows[1:] if r.get("within_tolerance")]
+        if within:
+            result["message"] = (
+                f"no variant within tolerance measured better than the original on {spec.objective} "
+                f"({len(within)} within tolerance); the original stays"
+            )
+        else:
+            result["message"] = "no variant within tolerance" + (
+                f"; the closest was {frontier.describe(near)} with loss {near['loss']:.4g} "
+                f"(tolerance {spec.tolerance:g})"
+                if near
+                else "; no trial finished"
+            )
         result["seconds"] = round(time.perf_counter() - t0, 3)
         return result
     trial = store.trials.get(job.id, choice["key"])
