@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import onnx
 
 from compression.calibration import Samples
 from compression.evaluate import measure_latency, run_model
+from compression.job_context import JobAborted
 from compression.metrics import compare
 from compression.optimize.chains import Chain, ChainCache, build_chain, trial_key
 from compression.optimize.judge import Judgement, judge_outputs, worst_loss
@@ -42,7 +44,7 @@ Progress = Callable[[str, float], None]
 LATENCY_RUNS = 20  # batch-1 runs per trial (p50/p99)
 THROUGHPUT_BATCH = 32
 THROUGHPUT_RUNS = 5
-TRIAL_LEASE_S = 600.0  # a trial not finished in this long is presumed abandoned by its worker
+TRIAL_LEASE_S = 30.0  # a trial whose lease (renewed every third of it while it builds) lapses was abandoned
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,15 @@ class Search:
             "owner": self.owner,
         }
         t0 = time.perf_counter()
+        building = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(key, building), daemon=True)
+        renewer.start()
+        try:
+            return self._build_and_record(key, row, chain, t0)
+        finally:
+            building.set()
+
+    def _build_and_record(self, key: str, row: dict[str, Any], chain: Chain, t0: float) -> dict[str, Any]:
         try:
             if chain:
                 built = build_chain(self.model, chain, self.calibration, self.evaluation, self.spec.metric, self.cache)
@@ -277,8 +288,10 @@ class Search:
                 details = {}
             row.update(self._measure(stored, runnable))
             row["details"] = details
+        except JobAborted:
+            raise
         except Exception as e:  # a pass that cannot run on this model is a failed trial, not a failed search
-            log.info("trial %s (%s) failed: %s", key, ladder, e)
+            log.info("trial %s (%s) failed: %s", key, row["ladder"], e)
             row.update(state="failed", error=f"{type(e).__name__}: {e}", within_tolerance=False)
             row["build_seconds"] = round(time.perf_counter() - t0, 3)
             self.trials.finish(self.job_id, key, self.owner, row, error=row["error"])
@@ -289,6 +302,10 @@ class Search:
         runnable_sha = self.blobs.put_bytes(runnable) if runnable is not stored else artifact
         self.trials.finish(self.job_id, key, self.owner, row, artifact, runnable_sha)
         return row
+
+    def _renew(self, key: str, building: threading.Event) -> None:
+        while not building.wait(TRIAL_LEASE_S / 3):
+            self.trials.renew(self.job_id, key, self.owner, TRIAL_LEASE_S)
 
     def _measure(self, stored: bytes, runnable: bytes) -> dict[str, Any]:
         outputs = run_model(runnable, self.evaluation)
