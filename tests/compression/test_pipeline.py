@@ -39,7 +39,11 @@ def test_each_variant_owns_its_details_and_evaluation() -> None:
             assert id(obj) not in seen, f"{name} shares a details dict"
             seen.add(id(obj))
         direct = evaluate_variant(original, v.runnable, d.evaluation, d.evaluation.labels)["primary"]
-        assert v.details["evaluation"]["accuracy"] == pytest.approx(direct, rel=1e-6, abs=1e-9), name
+        accuracy = v.details["evaluation"]["accuracy"]
+        assert {k: accuracy[k] for k in ("kind", "kind_why")} == {k: direct.pop(k) for k in ("kind", "kind_why")}
+        assert {k: a for k, a in accuracy.items() if k not in ("kind", "kind_why")} == pytest.approx(
+            direct, rel=1e-6, abs=1e-9
+        ), name
         assert v.details["accuracy_delta"] == direct["accuracy_delta"]
         row = next(r for r in result.table if r["variant"] == name)
         assert row["accuracy"] == v.details["evaluation"]["accuracy"] and row["size_bytes"] == len(v.stored)
