@@ -34,7 +34,7 @@ class OptimizeSpec(BaseModel):
     def _sensible(self) -> OptimizeSpec:
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets repeat: {self.targets}")
-        if "concurrency" in self.model_fields_set and self.latency_budget_ms is None:
+        if self.concurrency != 1 and self.latency_budget_ms is None:
             raise ValueError("concurrency is the load a latency_budget_ms holds at: give latency_budget_ms too")
         if not any(set(self.targets) <= set(p.targets) for p in PASSES.values()):
             raise ValueError(f"no pass makes artifacts for all of {self.targets}: optimize for fewer targets")
