@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from backends import BackendOptions, load_backend
 from backends.onnx_model import parse_model
@@ -60,6 +61,21 @@ def model_sparsity(model: onnx.ModelProto) -> float:
         total += w.size
         zeros += int(np.count_nonzero(w == 0))
     return zeros / total if total else 0.0
+
+
+def int8_weight_share(model: onnx.ModelProto) -> float:
+    """The share of weight bytes (initializers of 1024+ elements) stored as 8-bit or packed integers."""
+    small = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4}
+    total = narrow = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if n < 1024:
+            continue
+        size = n * (1 if t.data_type in small else onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+        total += size
+        if t.data_type in small:
+            narrow += size
+    return narrow / total if total else 0.0
 
 
 def _parameters(model: onnx.ModelProto) -> int:

@@ -25,11 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 
 from compression.calibration import Samples
-from compression.evaluate import measure_latency, run_model
+from compression.evaluate import int8_weight_share, measure_latency, run_model
 from compression.job_context import JobAborted
 from compression.metrics import compare
 from compression.optimize.chains import Chain, ChainCache, build_chain, trial_key
@@ -330,20 +329,3 @@ class Search:
             },
             "int8_weight_share": round(int8_weight_share(onnx.load_from_string(runnable)), 4),
         }
-
-
-def int8_weight_share(model: onnx.ModelProto) -> float:
-    """The share of weight bytes (initializers of 1024+ elements) stored as 8-bit or packed integers."""
-    from onnx import TensorProto
-
-    small = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4}
-    total = narrow = 0
-    for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if len(t.dims) else 1
-        if n < 1024:
-            continue
-        size = n * (1 if t.data_type in small else onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
-        total += size
-        if t.data_type in small:
-            narrow += size
-    return narrow / total if total else 0.0
