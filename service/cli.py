@@ -132,11 +132,14 @@ def worker(
     may share one catalogue safely)."""
     import signal
     import threading
+    from functools import partial
 
     from backends import BackendUnavailable, require_onnxruntime
     from backends.targets import resolve_targets
-    from compression.worker import JobWorker
+    from compression.optimize.job import run_optimize_job
+    from compression.worker import RUNNERS, JobWorker
     from service.settings import Settings
+    from service.tuning import tune
 
     try:
         require_onnxruntime()
@@ -156,6 +159,8 @@ def worker(
         signal.signal(sig, lambda *_: stop.set())
     JobWorker(
         store,
+        # the optimize job's serving-config tuner measures service's scheduler: injected here (layering)
+        runners={**RUNNERS, "optimize": partial(run_optimize_job, tuner=tune)},
         lease_s=settings.job_lease_s,
         max_attempts=settings.job_max_attempts,
         targets=tuple(t.id for t in advertised),
