@@ -15,7 +15,7 @@ from model_store import open_store
 from tests.compression.optimize_helpers import npz
 from tests.conftest import Server, ServerFactory, upload
 from tests.onnx_models import mlp
-from tests.test_compression_jobs import wait_job
+from tests.test_compression_jobs import wait_job, wait_ready
 
 
 def calibration(n: int = 96) -> bytes:
@@ -70,10 +70,17 @@ def test_an_optimize_job_reports_every_trial_and_its_frontier(opt_server: Server
         assert b"<svg" in svg.content
         report = c.get("/v1/models/opt-mlp/versions/1/report").json()
         assert report["optimization"]["job"] == job["id"] and len(report["optimization"]["trials"]) == len(trials)
-        if result["variant"] is not None:  # size: smaller beyond 1 % is honest, and becomes the default
-            row = next(v for v in report["variants"] if v["variant"] == "optimized")
-            assert row["honest"] == result["honest"] and row["why"] == result["why"]
-            assert (report["default_variant"] == "optimized") == result["honest"]
+        assert result["variant"] == "optimized" and result["honest"], result["message"]  # smaller beyond 1 %: honest
+        row = next(v for v in report["variants"] if v["variant"] == "optimized")
+        assert row["honest"] and row["why"] == result["why"] and report["default_variant"] == "optimized"
+        # the tuner measured the variant behind the real scheduler, and the server serves it with that config
+        tuned = result["serving_config"]["config"]
+        assert row["serving_config"]["config"] == tuned and result["serving_config"]["trials"]
+        wait_ready(c, "opt-mlp", {"optimized"})
+        served = c.get("/v2/models/opt-mlp/config").json()
+        assert served["parameters"]["slimserve_variant"]["string_value"] == "optimized"
+        assert served["max_batch_size"] == tuned["max_batch_size"]
+        assert served["instance_group"][0]["count"] == tuned["instances"]
         assert c.get(f"/v1/jobs/{job['id']}/plot.svg").status_code == 200
     cli = CliRunner().invoke(
         app,
