@@ -35,6 +35,7 @@ from service.settings import usable_cpus
 WINDOW_S = 1.5  # measured seconds per config, after the warm-up
 MIN_GAIN = 0.05  # a knob's new value is kept only when it wins by more than this
 MAX_QUEUE = 100_000
+DEFAULT_MAX_BATCH = 32  # what the server batches up to when a config does not say (SLIMSERVE_MAX_BATCH_SIZE)
 BACKEND = "onnxruntime-cpu"
 
 
@@ -112,28 +113,30 @@ def _better(a: dict[str, Any], b: dict[str, Any], spec: OptimizeSpec) -> bool:
 
 
 def candidates(cpus: int, concurrency: int, batchable: bool) -> dict[str, list[Any]]:
-    """Each knob's values, the server's default first."""
-    batch = min(32, 1 << max(0, concurrency - 1).bit_length()) if batchable else 1
-    return {
-        "max_batch_size": sorted({batch, 1}, reverse=True),
-        "instances": sorted({1, min(2, cpus)}),
-        "intra_op_threads": [cpus, 1] if cpus > 1 else [1],
-        "max_queue_delay_us": [0, 2000] if batchable and concurrency > 1 else [0],
-        "allow_spinning": [True, False],
-    }
+    """Each knob's values, the server's default first. Batching knobs are measured only under concurrent load
+    (one client never forms a batch, so its measurement cannot choose them; the server's defaults stay)."""
+    grid: dict[str, list[Any]] = {}
+    if batchable and concurrency > 1:
+        grid["max_batch_size"] = [min(32, 1 << (concurrency - 1).bit_length()), 1]
+        grid["max_queue_delay_us"] = [0, 2000]
+    grid["instances"] = sorted({1, min(2, cpus)})
+    grid["intra_op_threads"] = [cpus, 1] if cpus > 1 else [1]
+    grid["allow_spinning"] = [True, False]
+    return grid
 
 
 def tune(model: bytes, samples: Samples, spec: OptimizeSpec, progress: Callable[[float], None]) -> dict[str, Any]:
     """The best serving config for ``model`` at the spec's concurrency and budget, with every measurement."""
     cpus = usable_cpus()
     grid = candidates(cpus, spec.concurrency, samples.batch is None)
+    untuned = {"max_batch_size": DEFAULT_MAX_BATCH if samples.batch is None else 1, "max_queue_delay_us": 0}
     config = {k: v[0] for k, v in grid.items()}
     tried: list[dict[str, Any]] = []
 
     def run(cfg: dict[str, Any]) -> dict[str, Any]:
         threads = max(1, min(cfg["intra_op_threads"], cpus // cfg["instances"]))
         cfg = {**cfg, "intra_op_threads": threads}
-        row = {"config": cfg, **measure(model, samples, cfg, spec.concurrency)}
+        row = {"config": cfg, **measure(model, samples, {**untuned, **cfg}, spec.concurrency)}
         tried.append(row)
         progress(min(1.0, len(tried) / (1 + sum(len(v) - 1 for v in grid.values()))))
         return row
