@@ -81,3 +81,29 @@ def test_computed_weights_and_fixed_batch_end_to_end() -> None:
     for row in fixed.table:
         assert row["latency"]["batch_size"] == 4, row["variant"]
         assert row["variant"] == "original" or row["accuracy"]["samples"] == 8
+
+
+def test_dishonest_variants_never_become_the_default() -> None:
+    from compression.pipeline import choose_default, honesty
+    from tests.onnx_models import mlp
+
+    model = mlp(in_dim=64, hidden=64, out_dim=8)  # float weights only
+    honest, why = honesty("int8-qdq", len(model) - 10, len(model), model)
+    assert not honest and "mostly float" in why  # an "int8" whose weights stayed float (issue 11's encoder)
+    honest, why = honesty("pruned", len(model), len(model), model)
+    assert not honest and "not smaller" in why
+    assert honesty("encoded", len(model) // 4, len(model), model) == (True, "4.00x smaller than the original")
+
+    def row(name: str, p50: float, honest: bool, delta: float = 0.0) -> dict:  # type: ignore[type-arg]
+        return {"variant": name, "accuracy_delta": delta, "latency": {"p50_ms": p50}, "honest": honest}
+
+    table = [
+        row("original", 10.0, True),
+        row("int8", 5.0, False),
+        row("int8-cpu", 6.0, True),
+        row("x", 1.0, True, -0.5),
+    ]
+    assert choose_default(table, 0.01) == "int8-cpu"  # the faster int8 is dishonest; x is outside the tolerance
+    timed: list[str] = []
+    assert choose_default(table, 0.01, lambda n: timed.append(n) or False) == "original"  # not faster beyond noise
+    assert timed == ["int8-cpu"]
