@@ -63,6 +63,7 @@ def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, A
         "judgements": {k: j.to_dict() for k, j in found.judgements.items()},
         "stopped": found.stopped,
         "reused_trials": found.reused,
+        "skipped_ladders": found.skipped,
         "frontier": sorted(front),
     }
     ctx.progress("choose", 0.0)

@@ -54,6 +54,7 @@ class Ladder:
     rungs: list[Chain]
     start: int
     why: str
+    only_if_needed: bool = False  # skipped when an earlier ladder already found a trial within tolerance
 
 
 def model_family(model: onnx.ModelProto) -> str:
@@ -100,6 +101,9 @@ def plan(family: str, spec: OptimizeSpec) -> list[Ladder]:
                     ],
                     1,
                     "static QDQ int8 with op-wise fallback to the tolerance (the form TensorRT consumes)",
+                    # on CPU alone dynamic int8 is the faster int8 path (passes.py) and static QDQ the slowest trial
+                    # to build (minutes on MiniLM): tried only when dynamic int8 misses the tolerance
+                    only_if_needed=set(spec.targets) == {"cpu"} and family != "cnn",
                 )
             )
         if fuse:
@@ -149,7 +153,7 @@ class SearchResult:
     stopped: str  # why the search ended
     seconds: float
     reused: int  # trials finished by an earlier attempt or another worker
-    artifacts: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # key -> (stored, runnable), built here
+    skipped: list[str] = field(default_factory=list)  # ladders left out: an earlier one met the tolerance
 
 
 class Search:
@@ -185,6 +189,7 @@ class Search:
         self.reused = 0
         self.built = 0
         self.cut_short = False
+        self.skipped: list[str] = []  # ladders left out because an earlier one already met the tolerance
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -196,10 +201,15 @@ class Search:
             if self._out_of_budget(deadline):
                 self.cut_short = True
                 break
+            if ladder.only_if_needed and any(r.get("within_tolerance") for r in list(self.results.values())[1:]):
+                self.skipped.append(ladder.name)
+                continue
             self._bisect(ladder, deadline)
         stopped = self._budget_reason(deadline) if self.cut_short else "every ladder bisected"
         self.progress("search", 1.0)
-        return SearchResult(list(self.results.values()), self.judgements, stopped, time.monotonic() - t0, self.reused)
+        return SearchResult(
+            list(self.results.values()), self.judgements, stopped, time.monotonic() - t0, self.reused, self.skipped
+        )
 
     def _budget_reason(self, deadline: float) -> str:
         if time.monotonic() >= deadline:
