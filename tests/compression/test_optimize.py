@@ -273,3 +273,19 @@ def test_a_resumed_search_builds_no_finished_trial_again(tmp_path: Path) -> None
     assert second.built == 0 and again.reused == len(first.trials)
     assert [r["key"] for r in again.trials] == [r["key"] for r in first.trials]
     assert {t.owner for t in store.trials.list("job-1")} == {"first"}  # type: ignore[attr-defined]
+
+
+def test_plans_follow_family_objective_and_targets() -> None:
+    from compression.optimize.search import plan
+
+    cpu = {ladder.name: ladder for ladder in plan("transformer", OptimizeSpec(objective="latency"))}
+    assert list(cpu) == ["int8_dynamic", "int8_static", "fused"]
+    assert cpu["int8_static"].only_if_needed and not cpu["int8_dynamic"].only_if_needed
+    assert cpu["int8_dynamic"].rungs[cpu["int8_dynamic"].start][0][0] == "fuse_transformer"  # the recipe first
+    trt = {
+        ladder.name: ladder for ladder in plan("transformer", OptimizeSpec(objective="latency", targets=["tensorrt"]))
+    }
+    assert list(trt) == ["int8_static"] and not trt["int8_static"].only_if_needed  # QDQ is what TensorRT takes
+    size = plan("cnn", OptimizeSpec(objective="size"))
+    assert [ladder.name for ladder in size] == ["allocate"]
+    assert size[0].rungs[size[0].start] == [("allocate", {"target_ratio": 40})]  # the cnn-size recipe's budget
