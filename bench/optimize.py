@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from compression.evaluate import run_model  # noqa: E402
 from compression.metrics import compare  # noqa: E402
 from compression.timing import compare_timings  # noqa: E402
-from model_store import LocalBlobStore  # noqa: E402
+from model_store import open_store  # noqa: E402
 from service.settings import usable_cpus  # noqa: E402
 
 
@@ -73,6 +73,17 @@ def optimize(c: httpx.Client, name: str, model: bytes, calibration: bytes, goals
     return job
 
 
+def runnable_of(data: Path, model: str, variant: str) -> bytes:
+    """The ONNX model a variant runs, read from the server's store (the stored form may be an ENCODE artifact)."""
+    store = open_store(f"sqlite:///{data / 'catalog.db'}", data / "blobs")
+    try:
+        record = store.catalog.get_version(model, 1).variant(variant)
+        assert record is not None
+        return store.blobs.get_bytes(record.runnable_sha256)
+    finally:
+        store.close()
+
+
 def trials_table(result: dict[str, Any]) -> str:
     lines = ["| trial | loss | size MB | ratio | p50 ms b1 | p99 ms b1 | rows/s b32 | frontier | chosen | honest |"]
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -105,8 +116,7 @@ def encoder(args: argparse.Namespace) -> dict[str, Any]:
         version = c.get("/v1/models/enc/versions/1").json()
         default = version["default_variant"]
         variant = next(v for v in version["variants"] if v["name"] == default)
-        blobs = LocalBlobStore(data / "blobs")
-        runnable = blobs.get_bytes(variant["runnable_sha256"])
+        runnable = runnable_of(data, "enc", default)
         test = encoder_inputs(256, seed=3)
         cos = compare(run_model(model, test)[OUTPUT_NAME], run_model(runnable, test)[OUTPUT_NAME])
         out.update(
@@ -184,7 +194,7 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
         version = c.get("/v1/models/digits/versions/1").json()
         default = version["default_variant"]
         variant = next(v for v in version["variants"] if v["name"] == default)
-        runnable = LocalBlobStore(data / "blobs").get_bytes(variant["runnable_sha256"])
+        runnable = runnable_of(data, "digits", default)
     ref = run_model(model, {"input": d.x_test})["logits"].argmax(1)
     got = run_model(runnable, {"input": d.x_test})["logits"].argmax(1)
     return {
