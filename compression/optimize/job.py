@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from compression.job_context import JobContext
 
 VARIANT = "optimized"
-HONESTY_ROUNDS = 12  # interleaved rounds of the candidate against the original
+HONESTY_ROUNDS = 20  # interleaved rounds of the candidate against the original
 MAX_TIMED = 3  # candidates timed against the original before giving up on a faster one
 #: (runnable model, samples, spec, progress) -> the measured serving config
 Tuner = Callable[[bytes, "Samples", OptimizeSpec, Callable[[float], None]], dict[str, Any]]
