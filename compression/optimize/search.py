@@ -89,13 +89,16 @@ def plan(family: str, spec: OptimizeSpec) -> list[Ladder]:
                 )
             )
         if _allowed("int8_static", spec.targets):
+            # QDQ is the form TensorRT consumes; ORT's CPU kernels run the U8S8 form faster (compression.quantize)
+            form = "cpu" if set(spec.targets) == {"cpu"} else "qdq"
+            static = {"calibration": "minmax", "tolerance": spec.tolerance, "form": form}
             ladders.append(
                 Ladder(
                     "int8_static",
                     [
                         [
                             *fuse,
-                            ("int8_static", {"calibration": "minmax", "tolerance": spec.tolerance, "embeddings": e}),
+                            ("int8_static", {**static, "embeddings": e}),
                         ]
                         for e in (False, True)
                     ],
