@@ -113,13 +113,15 @@ def _better(a: dict[str, Any], b: dict[str, Any], spec: OptimizeSpec) -> bool:
 
 
 def candidates(cpus: int, concurrency: int, batchable: bool) -> dict[str, list[Any]]:
-    """Each knob's values, the server's default first. Batching knobs are measured only under concurrent load
-    (one client never forms a batch, so its measurement cannot choose them; the server's defaults stay)."""
+    """Each knob's values, the server's default first. Batching knobs and instances are measured only under
+    concurrent load (one client never forms a batch nor keeps two instances busy, so its measurement cannot choose
+    them; the server's defaults stay)."""
     grid: dict[str, list[Any]] = {}
     if batchable and concurrency > 1:
         grid["max_batch_size"] = [min(32, 1 << (concurrency - 1).bit_length()), 1]
         grid["max_queue_delay_us"] = [0, 2000]
-    grid["instances"] = sorted({1, min(2, cpus)})
+    if concurrency > 1:  # one client keeps one instance busy: a second one only takes its threads away
+        grid["instances"] = sorted({1, min(2, cpus)})
     grid["intra_op_threads"] = [cpus, 1] if cpus > 1 else [1]
     grid["allow_spinning"] = [True, False]
     return grid
@@ -130,11 +132,12 @@ def tune(model: bytes, samples: Samples, spec: OptimizeSpec, progress: Callable[
     cpus = usable_cpus()
     grid = candidates(cpus, spec.concurrency, samples.batch is None)
     untuned = {"max_batch_size": DEFAULT_MAX_BATCH if samples.batch is None else 1, "max_queue_delay_us": 0}
+    untuned["instances"] = 1
     config = {k: v[0] for k, v in grid.items()}
     tried: list[dict[str, Any]] = []
 
     def run(cfg: dict[str, Any]) -> dict[str, Any]:
-        threads = max(1, min(cfg["intra_op_threads"], cpus // cfg["instances"]))
+        threads = max(1, min(cfg["intra_op_threads"], cpus // cfg.get("instances", 1)))
         cfg = {**cfg, "intra_op_threads": threads}
         row = {"config": cfg, **measure(model, samples, {**untuned, **cfg}, spec.concurrency)}
         tried.append(row)

@@ -67,6 +67,19 @@ def test_a_variants_tuned_config_fills_what_the_user_left_unset() -> None:
     assert for_variant(user, {}) is user
 
 
+def test_one_client_tunes_only_threads_and_spinning() -> None:
+    assert tuning.candidates(2, 1, True) == {"intra_op_threads": [2, 1], "allow_spinning": [True, False]}
+    assert set(tuning.candidates(2, 8, True)) == {
+        "max_batch_size",
+        "max_queue_delay_us",
+        "instances",
+        "intra_op_threads",
+        "allow_spinning",
+    }
+    assert tuning.candidates(2, 8, True)["max_batch_size"] == [8, 1]
+    assert "max_batch_size" not in tuning.candidates(2, 8, False)  # a fixed batch dimension: nothing to batch
+
+
 def test_tune_measures_the_real_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tuning, "WINDOW_S", 0.2)
     model = mlp(in_dim=16, hidden=64, out_dim=4)
