@@ -255,7 +255,7 @@ class Search:
             self.built += 1
             crash_point(f"optimize-trial-{self.built}-done")  # tests: a SIGKILL lands here, after a trial
         self.results[key] = row
-        self.progress("search", min(1.0, (len(self.results) - 1) / self.spec.max_trials))
+        self.progress("search", self._fraction())
         return row
 
     def _claim(self, key: str, chain: Chain) -> TrialRecord | None:
