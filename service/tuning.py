@@ -9,8 +9,9 @@ the server's defaults (one knob at a time, the best value kept), not the full gr
 
 The best config: with ``latency_budget_ms``, the highest throughput whose p99 is within the budget (the lowest
 p99 when none is, said so); without one, the lowest p99 for the latency objective, else the highest throughput.
-Single measurements on a shared machine are noisy; the tuner keeps a change only when it wins by more than
-``MIN_GAIN``. Thread counts are sized from ``settings.usable_cpus`` (affinity mask and cgroup CPU quota).
+Single measurements on a shared machine are noisy: a change that wins by more than ``MIN_GAIN`` is measured
+again against the current best, interleaved, ``CONFIRM_ROUNDS`` more times, and kept only when it wins every
+round. Thread counts are sized from ``settings.usable_cpus`` (affinity mask and cgroup CPU quota).
 
 Runs in a job worker, injected as the optimize job's ``tuner`` (compression must not import service).
 """
@@ -34,6 +35,7 @@ from service.settings import usable_cpus
 
 WINDOW_S = 1.5  # measured seconds per config, after the warm-up
 MIN_GAIN = 0.05  # a knob's new value is kept only when it wins by more than this
+CONFIRM_ROUNDS = 2  # interleaved re-measurements of a winning change before it is kept
 MAX_QUEUE = 100_000
 DEFAULT_MAX_BATCH = 32  # what the server batches up to when a config does not say (SLIMSERVE_MAX_BATCH_SIZE)
 BACKEND = "onnxruntime-cpu"
@@ -141,15 +143,22 @@ def tune(model: bytes, samples: Samples, spec: OptimizeSpec, progress: Callable[
         cfg = {**cfg, "intra_op_threads": threads}
         row = {"config": cfg, **measure(model, samples, {**untuned, **cfg}, spec.concurrency)}
         tried.append(row)
-        progress(min(1.0, len(tried) / (1 + sum(len(v) - 1 for v in grid.values()))))
+        progress(min(1.0, len(tried) / (1 + sum(len(v) - 1 for v in grid.values()))))  # confirmations go past 1
         return row
 
     best = run(config)
     for knob, values in grid.items():
         for value in values[1:]:
             row = run({**best["config"], knob: value})
-            if _better(row, best, spec):
-                best = row
+            if not _better(row, best, spec):
+                continue
+            # a win on one window may be the machine's noise: the pair is measured again, interleaved, and the
+            # change is kept only when it wins every round (a sign test; see the module doc)
+            rounds = [(row, best)]
+            for _ in range(CONFIRM_ROUNDS):
+                rounds.append((run(row["config"]), run(best["config"])))
+            if all(_better(a, b, spec) for a, b in rounds):
+                best = rounds[-1][0]
     within = spec.latency_budget_ms is None or best["p99_ms"] <= spec.latency_budget_ms
     return {
         "config": best["config"],
