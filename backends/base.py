@@ -44,6 +44,8 @@ def is_batchable(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool:
 class BackendOptions:
     intra_op_threads: int = 0  # 0: the runtime's default
     inter_op_threads: int = 1
+    #: ONNX Runtime's session.intra_op.allow_spinning (idle threads spin for work); None: the runtime's default
+    allow_spinning: bool | None = None
     precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -111,6 +111,8 @@ def session_options(opts: BackendOptions) -> Any:
     if opts.intra_op_threads:
         so.intra_op_num_threads = opts.intra_op_threads
     so.inter_op_num_threads = max(1, opts.inter_op_threads)
+    if opts.allow_spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
     so.log_severity_level = 3
     return so
 

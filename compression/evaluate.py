@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from backends import BackendOptions, load_backend
 from backends.onnx_model import parse_model
@@ -60,6 +61,21 @@ def model_sparsity(model: onnx.ModelProto) -> float:
         total += w.size
         zeros += int(np.count_nonzero(w == 0))
     return zeros / total if total else 0.0
+
+
+def int8_weight_share(model: onnx.ModelProto) -> float:
+    """The share of weight bytes (initializers of 1024+ elements) stored as 8-bit or packed integers."""
+    small = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4}
+    total = narrow = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if n < 1024:
+            continue
+        size = n * (1 if t.data_type in small else onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+        total += size
+        if t.data_type in small:
+            narrow += size
+    return narrow / total if total else 0.0
 
 
 def _parameters(model: onnx.ModelProto) -> int:
@@ -142,15 +158,16 @@ def measure_latency(
 
 
 def compare_latency(
-    a: bytes, b: bytes, inputs: dict[str, np.ndarray] | Samples, rounds: int = 30, threads: int = 0
+    a: bytes, b: bytes, inputs: dict[str, np.ndarray] | Samples, rounds: int = 30, threads: int = 0, batch: int = 1
 ) -> Comparison:
     """Time model ``a`` against model ``b`` interleaved on the same feed (``compression.timing``).
 
-    The feed is one batch: one sample, or the model's fixed batch size. The ratio is t_a / t_b.
+    The feed is one batch: ``batch`` samples (fewer when there are fewer), or the model's fixed batch size. The
+    ratio is t_a / t_b.
     """
     data_a, data_b = _as_onnx_bytes(a), _as_onnx_bytes(b)
     samples = check_feeds(parse_model(data_a), inputs, what="input")
-    feed = next(samples.batches(1))
+    feed = next(samples.batches(batch))
     options = BackendOptions(intra_op_threads=threads)
     backend_a = load_backend(BACKEND, data_a, options)
     try:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from compression.optimize.judge import output_kind
+
 
 @dataclass(frozen=True)
 class Agreement:
@@ -18,14 +20,24 @@ class Agreement:
     mean_cosine: float  # per-sample cosine similarity of the flattened outputs, averaged
     min_cosine: float
     max_abs_error: float
+    relative_error: float = 0.0  # mean |candidate - reference| / mean |reference|
+    exact_match: float = 1.0  # share of samples whose outputs are identical
+    kind: str = "cosine"  # what the reference's values are judged to be (compression.optimize.judge)
+    kind_why: str = ""
 
     @property
     def accuracy_delta(self) -> float | None:
-        """Candidate minus reference accuracy (negative is a loss); top-1 agreement - 1 without labels."""
-        if self.accuracy_candidate is not None and self.accuracy_reference is not None:
-            return self.accuracy_candidate - self.accuracy_reference
-        if self.top1_agreement is not None:
-            return self.top1_agreement - 1.0
+        """The change under the judged metric (negative is a loss): accuracy (or top-1 agreement - 1) for class
+        scores, mean cosine - 1 for embeddings, minus the relative error for regression, exact match - 1 for ids."""
+        if self.kind == "top1":
+            if self.accuracy_candidate is not None and self.accuracy_reference is not None:
+                return self.accuracy_candidate - self.accuracy_reference
+            if self.top1_agreement is not None:
+                return self.top1_agreement - 1.0
+        if self.kind == "relative_error":
+            return -self.relative_error
+        if self.kind == "exact":
+            return self.exact_match - 1.0
         return self.mean_cosine - 1.0
 
     def to_dict(self) -> dict[str, float | int | None]:
@@ -35,8 +47,9 @@ class Agreement:
 
 
 def looks_like_classifier(output: np.ndarray) -> bool:
-    """A [N, C] output with C > 1 is read as class scores."""
-    return output.ndim == 2 and output.shape[1] > 1
+    """Class scores, as the output judge reads the values (not any [N, C]: a [N, 384] embedding is not 384
+    classes)."""
+    return output_kind(output)[0] == "top1"
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> Agreement:
@@ -49,8 +62,9 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
     num = (ref * cand).sum(1)
     den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     cos = np.where(den > 0, num / np.maximum(den, 1e-300), np.where(np.abs(ref - cand).max(1) == 0, 1.0, 0.0))
+    kind, why = output_kind(reference)
     top1 = acc_ref = acc_cand = None
-    if looks_like_classifier(reference):
+    if reference.ndim == 2 and reference.shape[1] > 1 and np.issubdtype(reference.dtype, np.floating):
         r, c = reference.argmax(1), candidate.argmax(1)
         top1 = float((r == c).mean())
         if labels is not None:
@@ -64,4 +78,8 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         mean_cosine=float(cos.mean()),
         min_cosine=float(cos.min()),
         max_abs_error=float(np.abs(ref - cand).max()) if ref.size else 0.0,
+        relative_error=float(np.abs(ref - cand).mean() / max(np.abs(ref).mean(), 1e-30)) if ref.size else 0.0,
+        exact_match=float((ref == cand).all(1).mean()) if n else 1.0,
+        kind=kind,
+        kind_why=why,
     )

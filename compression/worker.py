@@ -29,6 +29,7 @@ from typing import Any
 from compression.compress_job import run_compress_job
 from compression.engine_build import run_build_job
 from compression.job_context import JobAborted, JobContext, NotForThisWorker
+from compression.optimize.job import run_optimize_job
 from compression.pipeline import NeedsData
 from model_store import JobRecord, ModelStore
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 JobRunner = Callable[[JobContext], dict[str, Any]]
-RUNNERS: dict[str, JobRunner] = {"compress": run_compress_job, "build": run_build_job}
+RUNNERS: dict[str, JobRunner] = {"compress": run_compress_job, "build": run_build_job, "optimize": run_optimize_job}
 #: how long a worker leaves a job it gave back (NotForThisWorker) to other workers before it looks at it again
 SKIP_S = 60.0
 

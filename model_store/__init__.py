@@ -15,11 +15,13 @@ from model_store.records import (
     VersionRecord,
 )
 from model_store.store import ModelStore, open_store
+from model_store.trials import Claim, TrialRecord, TrialStore
 
 __all__ = [
     "BlobNotFound",
     "BlobStore",
     "Catalog",
+    "Claim",
     "Database",
     "EngineCatalog",
     "EngineRecord",
@@ -32,6 +34,8 @@ __all__ = [
     "QueueFull",
     "RecordConflict",
     "RecordNotFound",
+    "TrialRecord",
+    "TrialStore",
     "VariantRecord",
     "VersionRecord",
     "open_store",

@@ -183,6 +183,9 @@ def _crash_point(name: str) -> None:
         time.sleep(_CRASH_POINT_HOLD_S)  # the test kills the process meanwhile; if it does not, carry on
 
 
+crash_point = _crash_point  # for other layers' crash points (compression.optimize.search)
+
+
 _HOST = socket.gethostname().replace("-", "_")
 #: a temporary whose writer cannot be checked (another host) is presumed abandoned after this long
 STALE_TEMP_S = 3600.0

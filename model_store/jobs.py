@@ -79,6 +79,19 @@ class JobQueue:
                 q = q.where(JobRow.state == state)
             return [job_record(j) for j in s.scalars(q)]
 
+    def latest(self, kind: str, name: str, number: int, state: str = "succeeded") -> JobRecord | None:
+        """The newest job of ``kind`` on a version in ``state``, or None."""
+        if not matchable(kind, name, number, state):
+            return None
+        with self.db.tx() as s:
+            j = s.scalars(
+                select(JobRow)
+                .where(JobRow.kind == kind, JobRow.model_name == name, JobRow.version == number, JobRow.state == state)
+                .order_by(JobRow.created_at.desc())
+                .limit(1)
+            ).one_or_none()
+            return None if j is None else job_record(j)
+
     def count(self, states: tuple[str, ...]) -> int:
         with self.db.tx() as s:
             return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state.in_(states))) or 0

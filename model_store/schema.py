@@ -136,3 +136,27 @@ class TimingCacheRow(Base):
     blob_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class TrialRow(Base):
+    """One trial of an optimize job: a chain of passes with its knobs, the artifact it made and what it measured.
+
+    ``key`` is a hash of the chain and its knobs, unique per job: a resumed job (or a second worker sharing the
+    search) finds a finished trial by its key and skips it, and a trial is claimed by compare-and-set on
+    (state, owner, lease_expires) so two workers never build the same one at once."""
+
+    __tablename__ = "trials"
+    __table_args__ = (UniqueConstraint("job_id", "key", name="uq_trial_key"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36), nullable=False, index=True)
+    key: Mapped[str] = mapped_column(String(64), nullable=False)
+    chain: Mapped[list[Any]] = mapped_column(JSON, nullable=False)  # [[pass, {knob: value}], ...]
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="running")  # running | done | failed
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(String(4000), nullable=True)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the stored form
+    runnable_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the ONNX model that runs
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -11,6 +11,7 @@ from model_store.blobs import BlobStore, LocalBlobStore
 from model_store.catalog import Catalog
 from model_store.engines import EngineCatalog
 from model_store.jobs import JobQueue
+from model_store.trials import TrialStore
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,14 @@ class ModelStore:
         self.catalog = catalog
         self.jobs = JobQueue(catalog.db)
         self.engines = EngineCatalog(catalog.db)
+        self.trials = TrialStore(catalog.db)
 
     def collect(self, grace_seconds: float = 300.0) -> GcReport:
         temporaries = self.blobs.cleanup_temporaries() if grace_seconds <= 0 else 0
         self.engines.prune()  # engines of variants deleted by an earlier release (deletes prune their own)
-        referenced = self.catalog.referenced_digests() | self.engines.referenced_digests()
+        referenced = (
+            self.catalog.referenced_digests() | self.engines.referenced_digests() | self.trials.referenced_digests()
+        )
         cutoff = time.time() - grace_seconds
         orphans = 0
         present: set[str] = set()

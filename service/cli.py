@@ -134,11 +134,14 @@ def worker(
     may share one catalogue safely)."""
     import signal
     import threading
+    from functools import partial
 
     from backends import BackendUnavailable, require_onnxruntime
     from backends.targets import resolve_targets
-    from compression.worker import JobWorker
+    from compression.optimize.job import run_optimize_job
+    from compression.worker import RUNNERS, JobWorker
     from service.settings import Settings
+    from service.tuning import tune
 
     try:
         require_onnxruntime()
@@ -158,6 +161,8 @@ def worker(
         signal.signal(sig, lambda *_: stop.set())
     JobWorker(
         store,
+        # the optimize job's serving-config tuner measures service's scheduler: injected here (layering)
+        runners={**RUNNERS, "optimize": partial(run_optimize_job, tuner=tune)},
         lease_s=settings.job_lease_s,
         max_attempts=settings.job_max_attempts,
         targets=tuple(t.id for t in advertised),
@@ -179,10 +184,6 @@ def compress(
     server: ServerOpt = "http://127.0.0.1:8000",
 ) -> None:
     """Start a compression job for one version and (by default) watch it to the end."""
-    import time
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     spec: dict[str, object] = {}
     if prune is not None or pattern == "2:4":
         spec["prune"] = {"pattern": pattern, **({"sparsity": prune} if prune is not None else {})}
@@ -191,33 +192,10 @@ def compress(
     if encode_bits:
         spec["encode"] = {"bits": encode_bits}
     with _client(server) as c:
-        url = f"/v1/models/{name}/versions/{version}/compress"
-        if calibration:
-            r = c.post(url, data={"spec": json.dumps(spec)}, files={"calibration": calibration.read_bytes()})
-        else:
-            r = c.post(url, json=spec)
-        _fail(r)
-        job = r.json()
-        console.print(f"job {job['id']} queued")
+        job = _start_job(c, f"/v1/models/{name}/versions/{version}/compress", spec, calibration)
         if not watch:
             return
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.percentage:>3.0f}%"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
-            task = bar.add_task("queued", total=1.0)
-            while job["state"] in ("queued", "running"):
-                time.sleep(0.5)
-                r = c.get(f"/v1/jobs/{job['id']}")
-                _fail(r)
-                job = r.json()
-                bar.update(task, completed=job["progress"], description=f"{job['state']}: {job['stage'] or ''}")
-        if job["state"] != "succeeded":
-            console.print(f"[red]job {job['state']}[/red]: {job.get('error') or ''}")
-            raise typer.Exit(1)
+        job = _watch(c, job)
         table = Table("variant", "size", "ratio", "sparsity", "accuracy delta", "p50 ms")
         for row in job["result"]["table"]:
             lat = row.get("latency") or {}
@@ -232,6 +210,109 @@ def compress(
             )
         console.print(table)
         console.print(f"default variant: [bold]{job['result']['default_variant']}[/bold]")
+
+
+def _start_job(c: httpx.Client, url: str, spec: dict[str, object], calibration: Path | None) -> dict:
+    """POST a job (JSON, or multipart with a calibration .npz) and return it."""
+    if calibration:
+        r = c.post(url, data={"spec": json.dumps(spec)}, files={"calibration": calibration.read_bytes()})
+    else:
+        r = c.post(url, json=spec)
+    _fail(r)
+    job = r.json()
+    console.print(f"job {job['id']} queued")
+    return job
+
+
+def _watch(c: httpx.Client, job: dict) -> dict:
+    """Poll a job to its end behind a live progress bar; exit 1 unless it succeeded."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("queued", total=1.0)
+        while job["state"] in ("queued", "running"):
+            time.sleep(0.5)
+            r = c.get(f"/v1/jobs/{job['id']}")
+            _fail(r)
+            job = r.json()
+            bar.update(task, completed=job["progress"], description=f"{job['state']}: {job['stage'] or ''}")
+    if job["state"] != "succeeded":
+        console.print(f"[red]job {job['state']}[/red]: {job.get('error') or ''}")
+        raise typer.Exit(1)
+    return job
+
+
+@app.command()
+def optimize(
+    name: str,
+    version: int,
+    objective: Annotated[str, typer.Option(help="latency, throughput or size")] = "latency",
+    tolerance: Annotated[float, typer.Option(help="max accuracy loss (0.01: one point top-1, or cosine 0.99)")] = 0.01,
+    latency_budget_ms: Annotated[float | None, typer.Option(help="p99 budget at --concurrency")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="concurrent requests the budget holds at")] = None,
+    targets: Annotated[str | None, typer.Option(help="comma-separated: cpu, tensorrt, cuda")] = None,
+    max_trials: Annotated[int | None, typer.Option(help="most trials to run")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="most minutes to search")] = None,
+    metric: Annotated[str | None, typer.Option(help="override the judge: top1, cosine, relative_error, exact")] = None,
+    calibration: Annotated[Path | None, typer.Option(help=".npz for this job")] = None,
+    watch: Annotated[bool, typer.Option(help="show a live progress bar until the job ends")] = True,
+    server: ServerOpt = "http://127.0.0.1:8000",
+) -> None:
+    """Search for the best variant within a tolerance (goals, not knobs) and print every trial."""
+    spec: dict[str, object] = {"objective": objective, "tolerance": tolerance}
+    optional = {
+        "latency_budget_ms": latency_budget_ms,
+        "concurrency": concurrency,
+        "targets": targets.split(",") if targets else None,
+        "max_trials": max_trials,
+        "max_minutes": max_minutes,
+        "metric": metric,
+    }
+    spec.update({k: v for k, v in optional.items() if v is not None})
+    with _client(server) as c:
+        job = _start_job(c, f"/v1/models/{name}/versions/{version}/optimize", spec, calibration)
+        if not watch:
+            return
+        result = _watch(c, job)["result"]
+    print_trials(result)
+
+
+def print_trials(result: dict) -> None:
+    """The optimize result as a table: every trial, the frontier (*) and the choice (>)."""
+    table = Table("", "trial", "loss", "size", "ratio", "p50 ms", "p99 ms", "samples/s", "honest")
+    for row in result["trials"]:
+        chain = " -> ".join(name for name, _ in row.get("chain") or []) or "original"
+        mark = (">" if row.get("chosen") else "") + ("*" if row.get("on_frontier") else "")
+        if row.get("state") != "done":
+            table.add_row(mark, chain, "failed", escape(str(row.get("error", ""))[:60]), *[""] * 5)
+            continue
+        table.add_row(
+            mark,
+            escape(chain),
+            f"{row['loss']:.4f}",
+            f"{row['size_bytes'] / 1024:.1f} KiB",
+            f"{row['compression_ratio']:.1f}x",
+            f"{row['p50_ms']:.3f}",
+            f"{row['p99_ms']:.3f}",
+            f"{row['throughput']:.0f}",
+            {True: "yes", False: "no"}.get(row.get("honest"), ""),  # type: ignore[arg-type]
+        )
+    console.print(table)
+    for output, j in (result.get("judgements") or {}).items():
+        console.print(f"metric for {output}: [bold]{j['metric']}[/bold] ({escape(j['why'])})")
+    console.print(escape(result.get("message", "")))
+    if result.get("serving_config"):
+        console.print(f"serving config: {json.dumps(result['serving_config'].get('config'))}")
+    if result.get("plot"):
+        console.print(f"plot: {result['plot']}")
 
 
 def main() -> None:

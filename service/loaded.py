@@ -34,7 +34,7 @@ from model_store import EngineRecord, ModelRecord, ModelStore, VariantRecord, Ve
 from service.engine_loader import EngineLoader, EngineNotReady, EngineStatus
 from service.errors import ApiError, BadRequest, NotFound, Unavailable
 from service.metrics import Metrics, VariantMetrics
-from service.model_config import ModelConfig
+from service.model_config import ModelConfig, for_variant
 from service.scheduler import Scheduler, SchedulerConfig, Stats
 from service.settings import Settings
 from service.warmup import WarmupConfigError, WarmupReport, first_calibration_sample, plan_warmup
@@ -309,6 +309,7 @@ class LoadedVariants:
         }
         return BackendOptions(
             intra_op_threads=config.intra_op_threads or s.threads_per_instance(instances),
+            allow_spinning=config.allow_spinning,
             precision=config.precision,
             extra={**tuning, **server},
         )
@@ -462,7 +463,7 @@ class LoadedVariants:
                 if have is not None and have.record.runnable_sha256 == v.runnable_sha256:
                     loaded[v.name].unload()
                     continue
-                variants[v.name] = self._serve(record, v, loaded[v.name], config)
+                variants[v.name] = self._serve(record, v, loaded[v.name], for_variant(config, v.details))
             self._put(record, variants)
 
     def _put(self, record: VersionRecord, variants: dict[str, ServedVariant]) -> None:
@@ -591,9 +592,10 @@ class LoadedVariants:
             return
         variants: dict[str, ServedVariant] = {}
         for v in record.variants:
+            vconfig = for_variant(config, v.details)  # an optimize job's tuned serving config, under the user's
             sv = have.get(v.name)
             if sv is not None and sv.record.runnable_sha256 == v.runnable_sha256:
-                if not await self._engine_swap_due(sv, config, record, states):
+                if not await self._engine_swap_due(sv, vconfig, record, states):
                     variants[v.name] = sv
                     continue
                 # its engine is ready: load the variant with it below; sv serves until the swap
@@ -610,7 +612,7 @@ class LoadedVariants:
                     failed.reason = str(EngineNotReady(failed.engine))
                     continue
             try:
-                loaded = await asyncio.to_thread(self._load_variant_blocking, v, config, record)
+                loaded = await asyncio.to_thread(self._load_variant_blocking, v, vconfig, record)
             except Exception as e:  # a broken artifact must not stop the others from loading
                 if sv is not None:  # a swap that failed: the variant keeps serving as it did
                     log.error("could not swap in the engine of %s:%s/%s: %s", record.model, v.name, record.number, e)
@@ -624,7 +626,7 @@ class LoadedVariants:
                 continue
             if fkey in self._failures:
                 self.metrics.forget_failed(record.model, record.number, v.name, self._failures.pop(fkey).backend)
-            variants[v.name] = self._serve(record, v, loaded, config)
+            variants[v.name] = self._serve(record, v, loaded, vconfig)
         if variants or current:
             self._put(record, variants)
 

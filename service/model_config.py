@@ -153,6 +153,26 @@ def _count(data: Any) -> int:
     return sum(_count(x) for x in data) if isinstance(data, list) else 1
 
 
+#: the fields an optimize job's serving-config tuner sets per variant (``for_variant``)
+TUNED_FIELDS = ("max_batch_size", "instances", "intra_op_threads", "allow_spinning")
+
+
+def for_variant(config: ModelConfig, details: dict[str, Any]) -> ModelConfig:
+    """The version's config with a variant's tuned serving config (``details["serving_config"]["config"]``, written
+    by an optimize job) filling what the version's config leaves unset: what a user wrote always wins."""
+    tuned = (details.get("serving_config") or {}).get("config") or {}
+    if not tuned:
+        return config
+    merged = config.model_dump(exclude_unset=True)
+    for k in TUNED_FIELDS:
+        if k in tuned and k not in config.model_fields_set:
+            merged[k] = tuned[k]
+    delay = tuned.get("max_queue_delay_us")
+    if delay is not None and "max_queue_delay_us" not in config.batching.model_fields_set:
+        merged["batching"] = {**merged.get("batching", {}), "max_queue_delay_us": int(delay)}
+    return ModelConfig.model_validate(merged)
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -162,6 +182,8 @@ class ModelConfig(BaseModel):
     instances: int | None = Field(None, ge=1, le=64)
     #: ONNX Runtime intra-op threads per instance (None: cores / instances)
     intra_op_threads: int | None = Field(None, ge=1, le=256)
+    #: ONNX Runtime intra-op threads spin while idle (faster hand-offs, burns CPU); None: the runtime's default
+    allow_spinning: bool | None = None
     #: runtime and device: onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt
     backend: str = Field("onnxruntime-cpu", pattern=r"^(onnxruntime-(cpu|cuda|tensorrt)|tensorrt)$")
     #: precision for GPU backends (fp16 converts the model; int8 needs a QDQ variant)

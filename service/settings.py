@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -138,10 +139,32 @@ class Settings(BaseSettings):
         )
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (taskset / cgroup cpusets), not the machine's count: threads beyond
-    them only contend."""
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: the affinity mask (taskset / cgroup cpusets), capped by the cgroup's CPU quota
+    (Kubernetes ``limits.cpu``), not the machine's count: threads beyond them only contend (or are throttled)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota - 1e-9)))
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the cgroup may use per period (quota / period), or None without a limit.
+
+    cgroup v2: ``cpu.max`` ("max 100000" or "150000 100000"); v1: ``cpu/cpu.cfs_quota_us`` (-1: none) over
+    ``cpu/cpu.cfs_period_us`` (also looked for directly under ``root``)."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / max(1, int(period))
+    except (OSError, ValueError):
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 else quota_us / max(1, period_us)
+    return None

@@ -112,6 +112,43 @@ def _variable(name: str, label: str, query: str) -> dict[str, Any]:
     }
 
 
+def _compare_variants(pid: int, grid: tuple[int, int, int, int]) -> dict[str, Any]:
+    """One panel per model (repeated over ``$model``): its variants side by side, live p99 against the accuracy
+    change an optimize or compress job measured, the table an operator reads to trust the default."""
+    one = 'model=~"$model", variant=~"$variant"'
+    p99 = (
+        "histogram_quantile(0.99, sum by (le, model, variant) "
+        f"(rate(slimserve_request_duration_seconds_bucket{{{one}}}[{RATE}])))"
+    )
+    panel = _panel(
+        pid,
+        "Variants of $model: live p99 vs measured accuracy delta",
+        [
+            _target(p99, "{{variant}} p99", "A", instant=True),
+            _target(
+                f"max by (model, variant) (slimserve_variant_accuracy_delta{{{one}}})", "{{variant}} delta", "B", True
+            ),
+        ],
+        grid,
+        kind="table",
+        description="Each variant of the model: its p99 request latency now (across replicas) next to the accuracy "
+        "change measured against the original when it was made (negative: a loss). Repeated per model.",
+    )
+    panel["repeat"] = "model"
+    panel["repeatDirection"] = "v"
+    panel["transformations"] = [
+        {"id": "merge", "options": {}},
+        {
+            "id": "organize",
+            "options": {
+                "excludeByName": {"Time": True},
+                "renameByName": {"Value #A": "p99 (s)", "Value #B": "accuracy delta"},
+            },
+        },
+    ]
+    return panel
+
+
 def build() -> dict[str, Any]:
     err = 'outcome=~"server_error|timeout"'
     by = "le, model, variant, protocol"
@@ -293,6 +330,7 @@ def build() -> dict[str, Any]:
             kind="bargauge",
             description="Load and warm-up time of a variant on one backend (the slowest replica).",
         ),
+        _compare_variants(18, (0, 53, 24, 8)),
     ]
     return {
         "uid": "slimserve",

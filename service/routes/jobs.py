@@ -3,44 +3,49 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from backends import TensorSpec
 from compression.calibration import CalibrationError, fixed_batch, holdout_sizes, parse_npz
+from compression.optimize.spec import OptimizeSpec
 from compression.spec import CompressionSpec
 from model_store import JobRecord, QueueFull
 from service.auth import require_admin
-from service.errors import BadRequest, TooManyRequests, Unprocessable
+from service.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unprocessable
 from service.routes.common import ctx_of, errors, store_call
 from service.routes.management import read_form
 from service.views import version_view
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_admin)])
 
-_COMPRESS_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/CompressionSpec"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["spec"],
-                    "properties": {
-                        "spec": {"type": "string", "description": "the CompressionSpec as JSON"},
-                        "calibration": {"type": "string", "format": "binary"},
-                    },
-                }
+SpecT = TypeVar("SpecT", CompressionSpec, OptimizeSpec)
+
+
+def _body_schema(schema: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["spec"],
+                        "properties": {
+                            "spec": {"type": "string", "description": f"the {schema} as JSON"},
+                            "calibration": {"type": "string", "format": "binary"},
+                        },
+                    }
+                },
             },
-        },
+        }
     }
-}
 
 
 def job_view(j: JobRecord) -> dict[str, Any]:
@@ -57,15 +62,23 @@ def job_view(j: JobRecord) -> dict[str, Any]:
         "attempts": j.attempts,
         "cancel_requested": j.cancel_requested,
         "spec": {k: v for k, v in j.spec.items() if k != "calibration_sha256"},
-        "result": j.result or None,
+        "result": _result_view(j),
         "created_at": j.created_at.isoformat(),
         "updated_at": j.updated_at.isoformat(),
     }
 
 
-def _spec(raw: Any) -> CompressionSpec:
+def _result_view(j: JobRecord) -> dict[str, Any] | None:
+    if not j.result:
+        return None
+    if j.kind == "optimize":
+        return {**j.result, "plot": f"/v1/jobs/{j.id}/plot.svg"}
+    return j.result
+
+
+def _spec(raw: Any, kind: type[SpecT]) -> SpecT:
     try:
-        return CompressionSpec.model_validate(raw)
+        return kind.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
@@ -75,11 +88,32 @@ def _spec(raw: Any) -> CompressionSpec:
 @router.post(
     "/models/{name}/versions/{version}/compress",
     status_code=202,
-    openapi_extra=_COMPRESS_BODY,
+    openapi_extra=_body_schema("CompressionSpec"),
     responses=errors(400, 401, 404, 413, 415, 422, 429),
 )
 async def compress(request: Request, name: str, version: int) -> JSONResponse:
     """Start an offline compression job for one version; answers 202 with the job."""
+    spec_data, calibration = await _read_body(request)
+    spec = _spec(spec_data, CompressionSpec)
+    return await _start(request, "compress", name, version, spec, calibration, needs_data=spec.quantize is not None)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/optimize",
+    status_code=202,
+    openapi_extra=_body_schema("OptimizeSpec"),
+    responses=errors(400, 401, 404, 413, 415, 422, 429),
+)
+async def optimize(request: Request, name: str, version: int) -> JSONResponse:
+    """Start an optimize job: state goals (tolerance, objective, budget), get the best variant within them, its
+    serving config and the Pareto frontier of every trial; answers 202 with the job."""
+    spec_data, calibration = await _read_body(request)
+    spec = _spec(spec_data, OptimizeSpec)
+    return await _start(request, "optimize", name, version, spec, calibration, needs_data=True)
+
+
+async def _read_body(request: Request) -> tuple[Any, bytes | None]:
+    """(spec as parsed JSON, calibration .npz or None): a JSON body, or multipart with `spec` and `calibration`."""
     ctx = ctx_of(request)
     ctype = request.headers.get("content-type", "")
     calibration: bytes | None = None
@@ -104,7 +138,20 @@ async def compress(request: Request, name: str, version: int) -> JSONResponse:
             spec_data = orjson.loads(body or b"null")
         except orjson.JSONDecodeError as e:
             raise BadRequest(f"the body is not valid JSON: {e}") from None
-    spec = _spec(spec_data)
+    return spec_data, calibration
+
+
+async def _start(
+    request: Request,
+    kind: str,
+    name: str,
+    version: int,
+    spec: CompressionSpec | OptimizeSpec,
+    calibration: bytes | None,
+    needs_data: bool,
+) -> JSONResponse:
+    """Check the calibration data against the version's inputs and queue the job."""
+    ctx = ctx_of(request)
     record = await store_call(ctx.store.catalog.get_version, name, version)
     original = record.variant("original")
     stored = spec.model_dump(exclude_none=True)
@@ -121,13 +168,14 @@ async def compress(request: Request, name: str, version: int) -> JSONResponse:
         raise BadRequest(str(e)) from None
     if calibration is not None:
         stored["calibration_sha256"] = await asyncio.to_thread(ctx.store.blobs.put_bytes, calibration)
-    elif spec.quantize is not None and record.calibration_sha256 is None:
+    elif needs_data and record.calibration_sha256 is None:
+        what = "int8 calibration" if kind == "compress" else "measuring accuracy"
         raise Unprocessable(
-            "int8 calibration needs data: this version was uploaded without `calibration`; send the job as "
+            f"{what} needs data: this version was uploaded without `calibration`; send the job as "
             "multipart with a `calibration` .npz (arrays named after the inputs, samples on axis 0)"
         )
     try:
-        job = await store_call(ctx.store.jobs.create, "compress", name, version, stored, ctx.settings.max_pending_jobs)
+        job = await store_call(ctx.store.jobs.create, kind, name, version, stored, ctx.settings.max_pending_jobs)
     except QueueFull as e:
         raise TooManyRequests(f"{e}; retry when some finish") from None
     return JSONResponse(job_view(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
@@ -175,21 +223,51 @@ async def report(request: Request, name: str, version: int) -> dict[str, Any]:
                 "accuracy": ev.get("accuracy"),
                 "latency": ev.get("latency"),
                 "backend": v["backend"],
+                **(
+                    {"honest": v["details"]["honest"], "why": v["details"].get("why")}
+                    if "honest" in v["details"]
+                    else {}
+                ),
+                **({"serving_config": v["details"]["serving_config"]} if "serving_config" in v["details"] else {}),
             }
         )
+    latest = await asyncio.to_thread(ctx.store.jobs.latest, "optimize", name, version)
     return {
         "model": name,
         "version": version,
         "default_variant": record.default_variant,
         "default_pinned": record.pinned_default,
-        "policy": "the fastest variant (p50, batch 1) whose accuracy loss is within the job's tolerance",
+        "policy": "the fastest variant (p50, batch 1) whose accuracy loss is within the job's tolerance; an "
+        "optimize job's choice only when it is honest (faster beyond noise, or smaller, and int8 in fact)",
         "variants": rows,
+        "optimization": None if latest is None else _result_view(latest) | {"job": latest.id},
     }
 
 
+@router.get(
+    "/jobs/{job_id}/plot.svg",
+    responses={**errors(401, 404, 409), 200: {"content": {"image/svg+xml": {}}}},
+    response_class=Response,
+)
+async def plot(request: Request, job_id: str) -> Response:
+    """An optimize job's trials: accuracy loss against latency, stored size as marker area, the frontier drawn."""
+    job = await store_call(ctx_of(request).store.jobs.get, job_id)
+    if job.kind != "optimize":
+        raise NotFound(f"job {job_id} is a {job.kind} job: only optimize jobs have a plot")
+    if job.state != "succeeded" or not job.result.get("trials"):
+        raise Conflict(f"job {job_id} is {job.state}: the plot comes with its result")
+    try:
+        from compression.optimize.plot import frontier_svg
+    except ImportError:  # pragma: no cover - matplotlib is in the compression extra
+        raise NotFound("this server has no plotting (pip install slimserve[compression])") from None
+    svg = await asyncio.to_thread(frontier_svg, job.result)
+    return Response(svg, media_type="image/svg+xml")
+
+
 def add_schemas(openapi: dict[str, Any]) -> None:
-    """Register the CompressionSpec schema that the compress route's request body refers to."""
-    schema = CompressionSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    """Register the spec schemas that the compress and optimize routes' request bodies refer to."""
     components = openapi.setdefault("components", {}).setdefault("schemas", {})
-    components.update(schema.pop("$defs", {}))
-    components["CompressionSpec"] = schema
+    for kind in (CompressionSpec, OptimizeSpec):
+        schema = kind.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[kind.__name__] = schema

@@ -39,7 +39,11 @@ def test_each_variant_owns_its_details_and_evaluation() -> None:
             assert id(obj) not in seen, f"{name} shares a details dict"
             seen.add(id(obj))
         direct = evaluate_variant(original, v.runnable, d.evaluation, d.evaluation.labels)["primary"]
-        assert v.details["evaluation"]["accuracy"] == pytest.approx(direct, rel=1e-6, abs=1e-9), name
+        accuracy = v.details["evaluation"]["accuracy"]
+        assert {k: accuracy[k] for k in ("kind", "kind_why")} == {k: direct.pop(k) for k in ("kind", "kind_why")}
+        assert {k: a for k, a in accuracy.items() if k not in ("kind", "kind_why")} == pytest.approx(
+            direct, rel=1e-6, abs=1e-9
+        ), name
         assert v.details["accuracy_delta"] == direct["accuracy_delta"]
         row = next(r for r in result.table if r["variant"] == name)
         assert row["accuracy"] == v.details["evaluation"]["accuracy"] and row["size_bytes"] == len(v.stored)
@@ -77,3 +81,29 @@ def test_computed_weights_and_fixed_batch_end_to_end() -> None:
     for row in fixed.table:
         assert row["latency"]["batch_size"] == 4, row["variant"]
         assert row["variant"] == "original" or row["accuracy"]["samples"] == 8
+
+
+def test_dishonest_variants_never_become_the_default() -> None:
+    from compression.pipeline import choose_default, honesty
+    from tests.onnx_models import mlp
+
+    model = mlp(in_dim=64, hidden=64, out_dim=8)  # float weights only
+    honest, why = honesty("int8-qdq", len(model) - 10, len(model), model)
+    assert not honest and "mostly float" in why  # an "int8" whose weights stayed float (issue 11's encoder)
+    honest, why = honesty("pruned", len(model), len(model), model)
+    assert not honest and "not smaller" in why
+    assert honesty("encoded", len(model) // 4, len(model), model) == (True, "4.00x smaller than the original")
+
+    def row(name: str, p50: float, honest: bool, delta: float = 0.0) -> dict:  # type: ignore[type-arg]
+        return {"variant": name, "accuracy_delta": delta, "latency": {"p50_ms": p50}, "honest": honest}
+
+    table = [
+        row("original", 10.0, True),
+        row("int8", 5.0, False),
+        row("int8-cpu", 6.0, True),
+        row("x", 1.0, True, -0.5),
+    ]
+    assert choose_default(table, 0.01) == "int8-cpu"  # the faster int8 is dishonest; x is outside the tolerance
+    timed: list[str] = []
+    assert choose_default(table, 0.01, lambda n: timed.append(n) or False) == "original"  # not faster beyond noise
+    assert timed == ["int8-cpu"]
