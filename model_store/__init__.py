@@ -15,12 +15,14 @@ from model_store.records import (
     VersionRecord,
 )
 from model_store.store import ModelStore, open_store
+from model_store.traffic import DecisionRecord, NewDecision, TrafficCatalog, TrafficPolicyRecord
 
 __all__ = [
     "BlobNotFound",
     "BlobStore",
     "Catalog",
     "Database",
+    "DecisionRecord",
     "EngineCatalog",
     "EngineRecord",
     "JobQueue",
@@ -28,10 +30,13 @@ __all__ = [
     "LocalBlobStore",
     "ModelRecord",
     "ModelStore",
+    "NewDecision",
     "NewVariant",
     "QueueFull",
     "RecordConflict",
     "RecordNotFound",
+    "TrafficCatalog",
+    "TrafficPolicyRecord",
     "VariantRecord",
     "VersionRecord",
     "open_store",

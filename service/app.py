@@ -44,6 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 len(report.missing),
             )
         await ctx.loaded.sync(force=True)
+        await ctx.traffic.refresh()
+        ctx.traffic.mirror.start()
+        decider = asyncio.create_task(ctx.decider.run())
         syncer = asyncio.create_task(_sync_loop(ctx))
         workers = JobProcessPool(settings)
         workers.start()
@@ -52,9 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             ctx.shutting_down = True
             await workers.stop()
-            syncer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await syncer
+            for task in (syncer, decider):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await ctx.traffic.mirror.stop()
             await ctx.loaded.close()
             ctx.store.close()
 
@@ -104,12 +109,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
-    from service.routes import engines, jobs, management, metrics, repository, v2
+    from service.routes import engines, jobs, management, metrics, repository, traffic, v2
 
     app.include_router(v2.router)  # first: the infer routes are matched before anything else
     app.include_router(v2.health_router)
     app.include_router(repository.router)
     app.include_router(management.router)
+    app.include_router(traffic.router)
     app.include_router(jobs.router)
     app.include_router(engines.router)
     app.include_router(metrics.router)
@@ -138,5 +144,6 @@ async def _sync_loop(ctx: AppContext) -> None:
         wake.clear()
         try:
             await ctx.loaded.sync()
+            await ctx.traffic.refresh()  # policies ride on the same revision: hang the taps on what is served
         except Exception:
             log.exception("catalogue sync failed; retrying")

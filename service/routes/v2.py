@@ -18,6 +18,7 @@ from service.auth import require_inference
 from service.errors import Unavailable
 from service.loaded import ServedVariant
 from service.routes.common import ctx_of, errors, read_body
+from service.traffic import VARIANT_HEADER, VARIANT_PARAM
 from service.triton_views import describe, triton_config
 from service.triton_views import model_metadata as metadata_view
 from service.v2codec import HEADER_LENGTH, decode_request, decompress, encode_response
@@ -62,7 +63,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     """The REST front end of the data plane: only the v2 JSON/binary codec is specific to it."""
     ctx = ctx_of(request)
     plane = ctx.plane
-    sv = await plane.resolve(model_name, model_version)
+    sv = await plane.resolve(model_name, model_version, request.headers)
     t0 = plane.begin(sv)
     try:
         limit = ctx.settings.max_infer_body_bytes
@@ -80,7 +81,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         outputs = await plane.submit(sv, req.inputs, req.outputs, req.rows, req.timeout_us)
         order = req.outputs or [o.name for o in sv.outputs]
         payload, header_len = encode_response(
-            model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default
+            model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default, {VARIANT_PARAM: sv.variant}
         )
     except ClientDisconnect:
         plane.abandon(sv)
@@ -89,9 +90,11 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         raise plane.fail(sv, t0, e) from None
     plane.succeed(sv, t0)
     if header_len is None:
-        return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/json", headers={VARIANT_HEADER: sv.variant})
     return Response(
-        payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_len)}
+        payload,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(header_len), VARIANT_HEADER: sv.variant},
     )
 
 
