@@ -298,3 +298,35 @@ def test_sticky_request_id(server_factory: ServerFactory, key: str) -> None:
             for _ in range(3):
                 again = c.post("/v2/models/rid/infer", json=x, headers={"x-request-id": f"r{i}"})
                 assert again.headers["x-slimserve-variant"] == first
+
+
+def test_cli_sets_shows_lists_and_clears(server_factory: ServerFactory) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    s = server_factory(**FAST)
+    with s.client() as c:
+        assert upload(c, "clitraffic", mlp()).status_code == 201
+        add_local_variant(s, "clitraffic", "alt", mlp(seed=3))
+        wait_ready(c, "clitraffic", {"original", "alt"})
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "service.cli", "traffic", *args, "--server", s.url]
+        return subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env={**s.env, "COLUMNS": "200"}
+        )
+
+    out = cli("set", "clitraffic", "1", "--split", "original=0.75,alt=0.25", "--shadow", "alt=0.5", "--dry-run")
+    assert out.returncode == 0, out.stdout + out.stderr
+    shown = cli("show", "clitraffic", "1")
+    policy = json.loads(shown.stdout)["policy"]
+    assert policy["split"] == {"original": 0.75, "alt": 0.25} and policy["shadow"] == {"alt": 0.5}
+    assert policy["rules"]["dry_run"] is True
+    bad = cli("set", "clitraffic", "1", "--split", "original=0.5")
+    assert bad.returncode == 1 and "422" in bad.stdout and "sum to 1" in bad.stdout
+    assert cli("decisions", "clitraffic", "1").returncode == 0
+    assert cli("clear", "clitraffic", "1").returncode == 0
+    assert cli("show", "clitraffic", "1").returncode == 1
