@@ -95,6 +95,13 @@ class TrafficMetrics:
             registry=r,
         )
 
+    def touch(self, model: str, version: int, primary: str, candidate: str) -> None:
+        """Create a shadow pair's counters at 0 (dashboards and alerts then see a 0 rate, not an absent series)."""
+        labels = (model, str(version), primary, candidate)
+        self.dropped.labels(*labels)
+        for outcome in ("compared", "error"):
+            self.compared.labels(*labels, outcome)
+
 
 @dataclass
 class _Compared:

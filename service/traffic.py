@@ -268,9 +268,10 @@ class TrafficRouter:
             for sv in ver.variants.values():
                 if vt is None:
                     sv.tap = None
-                else:
-                    shadows = list(vt.policy.shadow.items())
-                    sv.tap = Tap(sv, vt.route, vt.window, shadows, self.mirror)
+                    continue
+                sv.tap = Tap(sv, vt.route, vt.window, list(vt.policy.shadow.items()), self.mirror)
+                for candidate, _ in sv.tap.shadows:  # the pair's counters read 0, not "no data", until one moves
+                    self.mirror.metrics.touch(sv.model, sv.version, sv.variant, candidate)
 
     def describe(self, model: str, number: int) -> dict[str, Any] | None:
         vt = self.versions.get((model, number))
