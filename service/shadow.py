@@ -4,10 +4,13 @@ The primary's answer has left (or is leaving) when a sample is offered (``Tap`` 
 completed future), so the mirror can never slow or fail it beyond the offer itself: a ``put_nowait`` on a
 bounded queue, and a full queue drops the sample and counts it (``slimserve_shadow_dropped_total``).
 
-One background task drains the queue one sample at a time: a candidate never has more than one shadow
-request queued, so the candidate's live traffic (a canary in the split) and the primaries' CPU come first.
-That is the "lower priority": the scheduler has no priority classes, and at one in-flight shadow request it
-needs none. The candidate's outputs are compared with the primary's by ``compression.metrics.compare``, the
+One background task drains the queue: it takes what has queued (up to ``_MAX_BATCH`` samples), submits them
+to their candidates together (the candidate's scheduler batches them into one execution) and waits for all
+before it takes more, so a candidate never has more than one such round of shadow requests in flight and the
+primaries' CPU comes first. That is the "lower priority": the scheduler has no priority classes, and with one
+round in flight it needs none; what arrives meanwhile waits in the bounded queue or is dropped.
+
+The candidate's outputs are compared with the primary's by ``compression.metrics.compare``, the
 measure the offline evaluation reports (top-1 agreement, cosine, max abs error), and the results go to
 Prometheus (per model, version, primary, candidate) and to the version's live window that the decider reads.
 """
@@ -33,6 +36,8 @@ log = logging.getLogger("slimserve.shadow")
 PAIR = ("model", "version", "primary", "candidate")
 COSINE_BUCKETS = (0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0)
 ERROR_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+#: queued samples submitted together (the candidate's scheduler batches them) and compared in one call
+_MAX_BATCH = 64
 #: outputs up to this many elements are compared on the event loop (tens of microseconds); larger ones in a thread
 _INLINE_ELEMENTS = 1 << 16
 
@@ -69,21 +74,23 @@ class TrafficMetrics:
         )
         self.cosine = Histogram(
             "slimserve_shadow_cosine",
-            "Mean per-row cosine similarity of the candidate's and the primary's outputs, per shadow request.",
+            "Mean per-row cosine similarity of the candidate's and the primary's outputs, per comparison (the "
+            "shadow requests answered together).",
             PAIR,
             buckets=COSINE_BUCKETS,
             registry=r,
         )
         self.max_abs_error = Histogram(
             "slimserve_shadow_max_abs_error",
-            "Largest absolute difference between the candidate's and the primary's outputs, per shadow request.",
+            "Largest absolute difference between the candidate's and the primary's outputs, per comparison (the "
+            "shadow requests answered together).",
             PAIR,
             buckets=ERROR_BUCKETS,
             registry=r,
         )
         self.candidate_duration = Histogram(
             "slimserve_shadow_candidate_duration_seconds",
-            "Time the candidate took to answer a shadow request (queue and compute, one at a time).",
+            "Time the candidate took to answer a shadow request (submitted with the others queued at the time).",
             PAIR,
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -94,13 +101,6 @@ class TrafficMetrics:
             ("model", "version", "variant", "action"),
             registry=r,
         )
-
-    def touch(self, model: str, version: int, primary: str, candidate: str) -> None:
-        """Create a shadow pair's counters at 0 (dashboards and alerts then see a 0 rate, not an absent series)."""
-        labels = (model, str(version), primary, candidate)
-        self.dropped.labels(*labels)
-        for outcome in ("compared", "error"):
-            self.compared.labels(*labels, outcome)
 
 
 @dataclass
@@ -130,18 +130,58 @@ def compare_outputs(primary: dict[str, np.ndarray], candidate: dict[str, np.ndar
     )
 
 
+@dataclass(frozen=True)
+class _PairMetrics:
+    """One pair's metric children, bound once (``labels()`` is a locked dict lookup per call)."""
+
+    compared: Counter
+    error: Counter
+    dropped: Counter
+    rows: Counter
+    top1_rows: Counter
+    top1_agree: Counter
+    cosine: Histogram
+    max_abs_error: Histogram
+    duration: Histogram
+
+
 class ShadowMirror:
     def __init__(self, loaded: LoadedVariants, metrics: TrafficMetrics, max_queue: int) -> None:
         self.loaded = loaded
         self.metrics = metrics
         self.queue: asyncio.Queue[ShadowSample] = asyncio.Queue(max_queue)
         self._task: asyncio.Task[None] | None = None
+        self._pairs: dict[tuple[str, int, str, str], _PairMetrics] = {}
+
+    def pair_metrics(self, model: str, version: int, primary: str, candidate: str) -> _PairMetrics:
+        key = (model, version, primary, candidate)
+        pm = self._pairs.get(key)
+        if pm is None:
+            m, lv = self.metrics, (model, str(version), primary, candidate)
+            pm = self._pairs[key] = _PairMetrics(
+                m.compared.labels(*lv, "compared"),
+                m.compared.labels(*lv, "error"),
+                m.dropped.labels(*lv),
+                m.rows.labels(*lv),
+                m.top1_rows.labels(*lv),
+                m.top1_agree.labels(*lv),
+                m.cosine.labels(*lv),
+                m.max_abs_error.labels(*lv),
+                m.candidate_duration.labels(*lv),
+            )
+        return pm
+
+    def full(self) -> bool:
+        return self.queue.full()
 
     def offer(self, s: ShadowSample) -> None:
         try:
             self.queue.put_nowait(s)
         except asyncio.QueueFull:
-            self.metrics.dropped.labels(s.model, str(s.version), s.primary, s.candidate).inc()
+            self.drop(s.model, s.version, s.primary, s.candidate)
+
+    def drop(self, model: str, version: int, primary: str, candidate: str) -> None:
+        self.pair_metrics(model, version, primary, candidate).dropped.inc()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -154,51 +194,100 @@ class ShadowMirror:
 
     async def _run(self) -> None:
         while True:
-            s = await self.queue.get()
+            batch = [await self.queue.get()]
+            while len(batch) < _MAX_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
             try:
-                await self.mirror(s)
+                await self.mirror(batch)
             except Exception:  # a comparison that cannot run must not stop the mirror
-                log.exception("shadow comparison of %s:%s against %s failed", s.model, s.candidate, s.primary)
+                log.exception("shadow comparison of %d samples failed", len(batch))
 
-    async def mirror(self, s: ShadowSample) -> None:
-        labels = (s.model, str(s.version), s.primary, s.candidate)
-        candidate = self.loaded.served(s.model, s.version, s.candidate)
-        if candidate is None:
-            self.metrics.dropped.labels(*labels).inc()
-            return
-        pair = s.window.pair(s.primary, s.candidate)
+    async def mirror(self, batch: list[ShadowSample]) -> None:
+        """Submit every queued sample to its candidate at once (the candidate's scheduler batches them, as it
+        batches live requests), then compare per pair in one vectorized call: the per-sample cost of the
+        mirror is what decides its cost to the primary."""
+        pending: list[tuple[ShadowSample, asyncio.Future[dict[str, np.ndarray]]]] = []
+        done_at: dict[int, int] = {}
         t0 = time.perf_counter_ns()
-        try:
-            outputs = await candidate.scheduler.submit(s.inputs, s.requested, s.rows, None)
-        except Exception as e:
-            seconds = (time.perf_counter_ns() - t0) / 1e9
-            pair.requests += 1
-            pair.latencies.append(seconds)
-            if is_server_error(e):
-                pair.errors += 1
-            s.window.dirty = True
-            self.metrics.compared.labels(*labels, "error").inc()
-            log.info("shadow request to %s:%s failed: %s", s.model, s.candidate, e)
+        for s in batch:
+            candidate = self.loaded.served(s.model, s.version, s.candidate)
+            if candidate is None:
+                self.drop(s.model, s.version, s.primary, s.candidate)
+                continue
+            try:
+                fut = candidate.scheduler.submit(s.inputs, s.requested, s.rows, None)
+            except Exception as e:  # its queue is full, or it is being unloaded
+                self._failed(s, e, 0.0)
+                continue
+            i = len(pending)
+            fut.add_done_callback(lambda _f, i=i: done_at.__setitem__(i, time.perf_counter_ns()))
+            pending.append((s, fut))
+        if not pending:
             return
-        seconds = (time.perf_counter_ns() - t0) / 1e9
-        if max(a.size for a in s.outputs.values()) <= _INLINE_ELEMENTS:
-            c = compare_outputs(s.outputs, outputs)
-        else:
-            c = await asyncio.to_thread(compare_outputs, s.outputs, outputs)
+        await asyncio.wait([f for _, f in pending])
+        groups: dict[tuple[str, int, str, str, int], list[tuple[ShadowSample, dict[str, np.ndarray], float]]] = {}
+        for i, (s, fut) in enumerate(pending):
+            seconds = (done_at.get(i, time.perf_counter_ns()) - t0) / 1e9
+            exc = fut.exception()
+            if exc is not None:
+                self._failed(s, exc, seconds)
+                continue
+            key = (s.model, s.version, s.primary, s.candidate, id(s.window))
+            groups.setdefault(key, []).append((s, fut.result(), seconds))
+        for items in groups.values():
+            await self._compare(items)
+
+    def _failed(self, s: ShadowSample, exc: BaseException, seconds: float) -> None:
+        pair = s.window.pair(s.primary, s.candidate)
         pair.requests += 1
         pair.latencies.append(seconds)
-        pair.rows += c.rows
-        pair.top1_rows += c.top1_rows
-        pair.top1_agree += c.top1_agree
-        pair.cosine_sum += c.cosine_sum
-        pair.max_abs_error = max(pair.max_abs_error, c.max_abs_error)
+        if is_server_error(exc):
+            pair.errors += 1
         s.window.dirty = True
-        m = self.metrics
-        m.compared.labels(*labels, "compared").inc()
-        m.candidate_duration.labels(*labels).observe(seconds)
-        m.rows.labels(*labels).inc(c.rows)
-        if c.top1_rows:
-            m.top1_rows.labels(*labels).inc(c.top1_rows)
-            m.top1_agree.labels(*labels).inc(c.top1_agree)
-        m.cosine.labels(*labels).observe(c.cosine_sum / c.rows if c.rows else 1.0)
-        m.max_abs_error.labels(*labels).observe(c.max_abs_error)
+        self.pair_metrics(s.model, s.version, s.primary, s.candidate).error.inc()
+        log.info("shadow request to %s:%s failed: %s", s.model, s.candidate, exc)
+
+    async def _compare(self, items: list[tuple[ShadowSample, dict[str, np.ndarray], float]]) -> None:
+        s0 = items[0][0]
+        primary, candidate = _stack([s.outputs for s, _, _ in items]), _stack([out for _, out, _ in items])
+        if primary is None or candidate is None:  # shapes that do not stack (no batch dimension): one by one
+            parts = [(s.outputs, out) for s, out, _ in items]
+        else:
+            parts = [(primary, candidate)]
+        pair = s0.window.pair(s0.primary, s0.candidate)
+        pm = self.pair_metrics(s0.model, s0.version, s0.primary, s0.candidate)
+        for p_out, c_out in parts:
+            if max(a.size for a in p_out.values()) <= _INLINE_ELEMENTS:
+                c = compare_outputs(p_out, c_out)
+            else:
+                c = await asyncio.to_thread(compare_outputs, p_out, c_out)
+            pair.rows += c.rows
+            pair.top1_rows += c.top1_rows
+            pair.top1_agree += c.top1_agree
+            pair.cosine_sum += c.cosine_sum
+            pair.max_abs_error = max(pair.max_abs_error, c.max_abs_error)
+            pm.rows.inc(c.rows)
+            if c.top1_rows:
+                pm.top1_rows.inc(c.top1_rows)
+                pm.top1_agree.inc(c.top1_agree)
+            pm.cosine.observe(c.cosine_sum / c.rows if c.rows else 1.0)
+            pm.max_abs_error.observe(c.max_abs_error)
+        pair.requests += len(items)
+        for _, _, seconds in items:
+            pair.latencies.append(seconds)
+            pm.duration.observe(seconds)
+        pm.compared.inc(len(items))
+        s0.window.dirty = True
+
+
+def _stack(outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    """Outputs of several requests joined on axis 0, or None when they do not join (other names or shapes)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    first = outputs[0]
+    for o in outputs[1:]:
+        if o.keys() != first.keys() or any(o[k].shape[1:] != first[k].shape[1:] or o[k].ndim == 0 for k in o):
+            return None
+    if any(a.ndim == 0 for a in first.values()):
+        return None
+    return {k: np.concatenate([o[k] for o in outputs]) for k in first}

@@ -202,9 +202,14 @@ class Tap:
             return
         outputs = fut.result()
         sv = self.sv
+        mirror = self.mirror
         for candidate, fraction in self.shadows:
-            if fraction >= 1.0 or self._rng.random() < fraction:
-                self.mirror.offer(
+            if fraction < 1.0 and self._rng.random() >= fraction:
+                continue
+            if mirror.full():
+                mirror.drop(sv.model, sv.version, sv.variant, candidate)
+            else:
+                mirror.offer(
                     ShadowSample(
                         sv.model, sv.version, sv.variant, candidate, inputs, requested, rows, outputs, self.window
                     )
@@ -270,8 +275,8 @@ class TrafficRouter:
                     sv.tap = None
                     continue
                 sv.tap = Tap(sv, vt.route, vt.window, list(vt.policy.shadow.items()), self.mirror)
-                for candidate, _ in sv.tap.shadows:  # the pair's counters read 0, not "no data", until one moves
-                    self.mirror.metrics.touch(sv.model, sv.version, sv.variant, candidate)
+                for candidate, _ in sv.tap.shadows:  # bound now: the pair's counters read 0, not "no data"
+                    self.mirror.pair_metrics(sv.model, sv.version, sv.variant, candidate)
 
     def describe(self, model: str, number: int) -> dict[str, Any] | None:
         vt = self.versions.get((model, number))
