@@ -4,11 +4,12 @@ The primary's answer has left (or is leaving) when a sample is offered (``Tap`` 
 completed future), so the mirror can never slow or fail it beyond the offer itself: a ``put_nowait`` on a
 bounded queue, and a full queue drops the sample and counts it (``slimserve_shadow_dropped_total``).
 
-One background task drains the queue: it takes what has queued (up to ``_MAX_BATCH`` samples), submits them
-to their candidates together (the candidate's scheduler batches them into one execution) and waits for all
-before it takes more, so a candidate never has more than one such round of shadow requests in flight and the
-primaries' CPU comes first. That is the "lower priority": the scheduler has no priority classes, and with one
-round in flight it needs none; what arrives meanwhile waits in the bounded queue or is dropped.
+One background task drains the queue: it takes what has queued (up to ``_MAX_BATCH`` samples), joins the
+samples of each pair into as few candidate requests as their shapes allow (``ShadowMirror.mirror``), and waits
+for their answers before it takes more, so a candidate never has more than one such round of shadow requests
+in flight and the primaries' CPU comes first. That is the "lower priority": the scheduler has no priority
+classes, and with one round in flight it needs none; what arrives meanwhile waits in the bounded queue or is
+dropped.
 
 The candidate's outputs are compared with the primary's by ``compression.metrics.compare``, the
 measure the offline evaluation reports (top-1 agreement, cosine, max abs error), and the results go to
@@ -22,6 +23,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -90,7 +92,7 @@ class TrafficMetrics:
         )
         self.candidate_duration = Histogram(
             "slimserve_shadow_candidate_duration_seconds",
-            "Time the candidate took to answer a shadow request (submitted with the others queued at the time).",
+            "Time the candidate took to answer a shadow request (joined with the others queued at the time).",
             PAIR,
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -203,39 +205,50 @@ class ShadowMirror:
                 log.exception("shadow comparison of %d samples failed", len(batch))
 
     async def mirror(self, batch: list[ShadowSample]) -> None:
-        """Submit every queued sample to its candidate at once (the candidate's scheduler batches them, as it
-        batches live requests), then compare per pair in one vectorized call: the per-sample cost of the
-        mirror is what decides its cost to the primary."""
-        pending: list[tuple[ShadowSample, asyncio.Future[dict[str, np.ndarray]]]] = []
+        """Send the queued samples to their candidates as few requests as their shapes allow (samples of one
+        pair with the same input shapes are joined on the batch axis, up to the candidate's max batch size),
+        then compare each answer with the primaries' joined outputs in one vectorized call. The per-sample
+        cost of the mirror is what decides its cost to the primary, so it is paid once per joined request."""
+        groups: dict[tuple[Any, ...], list[ShadowSample]] = {}
+        for s in batch:
+            shapes = tuple((k, a.dtype.str, a.shape[1:]) for k, a in s.inputs.items())
+            key = (s.model, s.version, s.primary, s.candidate, id(s.window), s.requested, shapes)
+            groups.setdefault(key, []).append(s)
+        jobs: list[tuple[list[ShadowSample], asyncio.Future[dict[str, np.ndarray]]]] = []
         done_at: dict[int, int] = {}
         t0 = time.perf_counter_ns()
-        for s in batch:
-            candidate = self.loaded.served(s.model, s.version, s.candidate)
+        for samples in groups.values():
+            s0 = samples[0]
+            candidate = self.loaded.served(s0.model, s0.version, s0.candidate)
             if candidate is None:
-                self.drop(s.model, s.version, s.primary, s.candidate)
+                for s in samples:
+                    self.drop(s.model, s.version, s.primary, s.candidate)
                 continue
-            try:
-                fut = candidate.scheduler.submit(s.inputs, s.requested, s.rows, None)
-            except Exception as e:  # its queue is full, or it is being unloaded
-                self._failed(s, e, 0.0)
-                continue
-            i = len(pending)
-            fut.add_done_callback(lambda _f, i=i: done_at.__setitem__(i, time.perf_counter_ns()))
-            pending.append((s, fut))
-        if not pending:
+            for chunk in _chunks(samples, candidate.max_batch_size):
+                if len(chunk) == 1:
+                    inputs = s0.inputs if chunk[0] is s0 else chunk[0].inputs
+                else:
+                    inputs = {k: np.concatenate([s.inputs[k] for s in chunk]) for k in s0.inputs}
+                try:
+                    fut = candidate.scheduler.submit(inputs, s0.requested, sum(s.rows for s in chunk), None)
+                except Exception as e:  # its queue is full, or it is being unloaded
+                    for s in chunk:
+                        self._failed(s, e, 0.0)
+                    continue
+                n = len(jobs)
+                fut.add_done_callback(lambda _f, n=n: done_at.__setitem__(n, time.perf_counter_ns()))
+                jobs.append((chunk, fut))
+        if not jobs:
             return
-        await asyncio.wait([f for _, f in pending])
-        groups: dict[tuple[str, int, str, str, int], list[tuple[ShadowSample, dict[str, np.ndarray], float]]] = {}
-        for i, (s, fut) in enumerate(pending):
-            seconds = (done_at.get(i, time.perf_counter_ns()) - t0) / 1e9
+        await asyncio.wait([f for _, f in jobs])
+        for n, (chunk, fut) in enumerate(jobs):
+            seconds = (done_at.get(n, time.perf_counter_ns()) - t0) / 1e9
             exc = fut.exception()
             if exc is not None:
-                self._failed(s, exc, seconds)
-                continue
-            key = (s.model, s.version, s.primary, s.candidate, id(s.window))
-            groups.setdefault(key, []).append((s, fut.result(), seconds))
-        for items in groups.values():
-            await self._compare(items)
+                for s in chunk:
+                    self._failed(s, exc, seconds)
+            else:
+                await self._compare(chunk, fut.result(), seconds)
 
     def _failed(self, s: ShadowSample, exc: BaseException, seconds: float) -> None:
         pair = s.window.pair(s.primary, s.candidate)
@@ -247,13 +260,15 @@ class ShadowMirror:
         self.pair_metrics(s.model, s.version, s.primary, s.candidate).error.inc()
         log.info("shadow request to %s:%s failed: %s", s.model, s.candidate, exc)
 
-    async def _compare(self, items: list[tuple[ShadowSample, dict[str, np.ndarray], float]]) -> None:
-        s0 = items[0][0]
-        primary, candidate = _stack([s.outputs for s, _, _ in items]), _stack([out for _, out, _ in items])
-        if primary is None or candidate is None:  # shapes that do not stack (no batch dimension): one by one
-            parts = [(s.outputs, out) for s, out, _ in items]
-        else:
-            parts = [(primary, candidate)]
+    async def _compare(self, chunk: list[ShadowSample], answer: dict[str, np.ndarray], seconds: float) -> None:
+        s0 = chunk[0]
+        primary = _stack([s.outputs for s in chunk])
+        if primary is not None:
+            parts = [(primary, answer)]
+        else:  # the primaries' outputs do not join (shapes that depend on values): row by row of the answer
+            bounds = np.cumsum([s.rows for s in chunk])[:-1]
+            split = {k: np.split(v, bounds) for k, v in answer.items()}
+            parts = [(s.outputs, {k: v[i] for k, v in split.items()}) for i, s in enumerate(chunk)]
         pair = s0.window.pair(s0.primary, s0.candidate)
         pm = self.pair_metrics(s0.model, s0.version, s0.primary, s0.candidate)
         for p_out, c_out in parts:
@@ -272,12 +287,27 @@ class ShadowMirror:
                 pm.top1_agree.inc(c.top1_agree)
             pm.cosine.observe(c.cosine_sum / c.rows if c.rows else 1.0)
             pm.max_abs_error.observe(c.max_abs_error)
-        pair.requests += len(items)
-        for _, _, seconds in items:
-            pair.latencies.append(seconds)
+        pair.requests += len(chunk)
+        pair.latencies.extend([seconds] * len(chunk))
+        for _ in chunk:
             pm.duration.observe(seconds)
-        pm.compared.inc(len(items))
+        pm.compared.inc(len(chunk))
         s0.window.dirty = True
+
+
+def _chunks(samples: list[ShadowSample], max_batch_size: int) -> list[list[ShadowSample]]:
+    """Samples joined into requests of at most ``max_batch_size`` rows (0: the model has no batch axis)."""
+    if max_batch_size <= 0:
+        return [[s] for s in samples]
+    out: list[list[ShadowSample]] = []
+    rows = max_batch_size + 1
+    for s in samples:
+        if rows + s.rows > max_batch_size:
+            out.append([])
+            rows = 0
+        out[-1].append(s)
+        rows += s.rows
+    return out
 
 
 def _stack(outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
