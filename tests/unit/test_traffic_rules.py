@@ -134,3 +134,28 @@ def test_windows_serialize_what_they_counted() -> None:
     assert isinstance(w.variant("a"), VariantWindow) and isinstance(w.pair("a", "b"), PairWindow)
     d = w.to_dict()
     assert d["live"]["a"]["requests"] == 0 and d["pairs"][0]["candidate"] == "b"
+
+
+def test_shadow_samples_join_up_to_the_candidates_batch_size() -> None:
+    import numpy as np
+
+    from service.shadow import _chunks, _stack, compare_outputs
+    from service.traffic import ShadowSample
+
+    w = VersionWindow(epoch=0)
+
+    def sample(rows: int) -> ShadowSample:
+        x = np.zeros((rows, 2), np.float32)
+        return ShadowSample("m", 1, "original", "int8", {"x": x}, None, rows, {"y": x}, w)
+
+    samples = [sample(r) for r in (3, 3, 2, 5)]
+    assert [[s.rows for s in c] for c in _chunks(samples, 8)] == [[3, 3, 2], [5]]
+    assert [len(c) for c in _chunks(samples, 0)] == [1, 1, 1, 1]  # no batch axis: one by one
+    joined = _stack([s.outputs for s in samples])
+    assert joined is not None and joined["y"].shape == (13, 2)
+    assert _stack([{"y": np.zeros((1, 2))}, {"y": np.zeros((1, 3))}]) is None
+    ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32)
+    cand = np.array([[0.8, 0.2], [0.7, 0.3], [0.6, 0.4]], np.float32)
+    c = compare_outputs({"probs": ref}, {"probs": cand})
+    assert (c.rows, c.top1_rows) == (3, 3) and c.top1_agree == pytest.approx(2.0)
+    assert c.max_abs_error == pytest.approx(0.5)
