@@ -6,8 +6,10 @@ intra-op thread. The candidate is the same architecture with other weights (seed
 
 Points alternate on the one server, in ABBA order over ``--rounds``: A has no traffic policy, B has
 ``{"split": {"original": 1.0}, "shadow": {"shadow": 1.0}}`` (every request mirrored). The summary is the
-median over rounds of B/A for throughput and p99 (wrk's). Also reported per B point: how many requests were
-compared, failed, and dropped (a full shadow queue drops samples: that is how the mirror bounds its cost).
+median over rounds of B/A for throughput and p99 (wrk's). Also reported per point: the server's CPU time per
+request (from /proc: on a shared machine the one ratio that other load does not move much), and per B point
+how many requests were compared, failed, and dropped (a full shadow queue drops samples: that is how the
+mirror bounds its cost).
 Bars: throughput B/A >= 0.90, p99 B/A <= 1.20.
 
     flock /tmp/slimserve-bench.lock .venv/bin/python bench/shadow.py            # ~1.5 min
@@ -39,7 +41,7 @@ BAR_P99 = 1.20
 
 
 @contextlib.contextmanager
-def server(data: Path, cpus: str | None) -> Iterator[str]:
+def server(data: Path, cpus: str | None) -> Iterator[tuple[str, int]]:
     port = common.free_port()
     env = dict(os.environ)
     env.update({"SLIMSERVE_LOG_LEVEL": "warning", "SLIMSERVE_SYNC_INTERVAL_S": "1", "SLIMSERVE_INTRA_OP_THREADS": "1"})
@@ -48,8 +50,14 @@ def server(data: Path, cpus: str | None) -> Iterator[str]:
     argv = [*common.pin(cpus), str(common.VENV_BIN / "slimserve"), "serve", "--host", common.HOST]
     argv += ["--port", str(port), "--data-dir", str(data)]
     url = f"http://{common.HOST}:{port}"
-    with common.process(argv, env=env, cwd=common.REPO, ready_url=f"{url}/v2/health/ready", log_name="shadow"):
-        yield url
+    with common.process(argv, env=env, cwd=common.REPO, ready_url=f"{url}/v2/health/ready", log_name="shadow") as p:
+        yield url, p.pid  # taskset execs the server: the same pid
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process and all its threads (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def shadow_counts(url: str) -> dict[str, float]:
@@ -78,7 +86,7 @@ def main() -> None:
         primary = data / "mlp.onnx"
         primary.write_bytes(models.mlp(seed=0))
         candidate = models.mlp(seed=1)
-        with server(data / "store", server_cpus) as url:
+        with server(data / "store", server_cpus) as (url, pid):
             common.upload(url, "mlp", primary, MODEL_CONFIG)
             blobs, catalog = (
                 LocalBlobStore(data / "store" / "blobs"),
@@ -111,7 +119,7 @@ def main() -> None:
                             warmup=0,
                             cpus=load_cpus,
                         )
-                        before = shadow_counts(url)
+                        before, cpu0 = shadow_counts(url), cpu_seconds(pid)
                         res = common.wrk(
                             f"{url}/v2/models/mlp/infer",
                             body,
@@ -123,8 +131,9 @@ def main() -> None:
                             target="no shadow" if point == "A" else "shadow 100%",
                             mode="json",
                         )
-                        after = shadow_counts(url)
+                        after, cpu1 = shadow_counts(url), cpu_seconds(pid)
                         delta = {k: after[k] - before[k] for k in after}
+                        delta["cpu_us_per_request"] = (cpu1 - cpu0) / max(res.requests, 1) * 1e6
                         results.append((point, res, delta))
                         print(f"round {r + 1} {point}: {res.line()}  shadow {delta}", flush=True)
     a = [res for p, res, _ in results if p == "A"]
@@ -132,14 +141,20 @@ def main() -> None:
     tput = statistics.median(rb.throughput / ra.throughput for (rb, _), ra in zip(b, a, strict=True))
     p99 = statistics.median(rb.p99_ms / ra.p99_ms for (rb, _), ra in zip(b, a, strict=True))
     mirrored = statistics.median(d["compared"] / max(rb.requests, 1) for rb, d in b)
-    rows = [[*res.row(), f"{d.get('compared', 0):.0f}", f"{d.get('dropped', 0):.0f}"] for _, res, d in results]
+    a_cpu = [d["cpu_us_per_request"] for p, _, d in results if p == "A"]
+    cpu = statistics.median(d["cpu_us_per_request"] / ca for (_, d), ca in zip(b, a_cpu, strict=True))
+    rows = [
+        [*res.row(), f"{d['cpu_us_per_request']:.0f}", f"{d.get('compared', 0):.0f}", f"{d.get('dropped', 0):.0f}"]
+        for _, res, d in results
+    ]
     print()
-    print(common.table(rows, [*common.HEADER, "compared", "dropped"]))
+    print(common.table(rows, [*common.HEADER, "server CPU us/req", "compared", "dropped"]))
     print()
     verdict_t = "MET" if tput >= BAR_THROUGHPUT else "NOT MET"
     verdict_p = "MET" if p99 <= BAR_P99 else "NOT MET"
     print(f"throughput B/A (median of {args.rounds}): {tput:.3f} (bar >= {BAR_THROUGHPUT}): {verdict_t}")
     print(f"p99 B/A (median of {args.rounds}): {p99:.3f} (bar <= {BAR_P99}): {verdict_p}")
+    print(f"server CPU per request B/A (median of {args.rounds}; the load-independent cost): {cpu:.3f}")
     print(f"share of B's requests compared (the rest dropped or in flight): {mirrored:.3f}")
     path = common.save(
         "shadow",
@@ -150,6 +165,7 @@ def main() -> None:
             "throughput_ratio": tput,
             "p99_ratio": p99,
             "compared_share": mirrored,
+            "cpu_per_request_ratio": cpu,
         },
     )
     print(f"raw numbers: {path}")
