@@ -135,7 +135,7 @@ class Route:
         return self.names[min(bisect.bisect_right(self.cumulative, u), len(self.names) - 1)]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one is built per mirrored request, and frozen init costs more
 class ShadowSample:
     model: str
     version: int
