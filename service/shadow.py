@@ -39,7 +39,7 @@ PAIR = ("model", "version", "primary", "candidate")
 COSINE_BUCKETS = (0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0)
 ERROR_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 #: how long the mirror lets samples gather before it sends them (their candidate latency is measured from the send)
-_GATHER_S = 0.002
+_GATHER_S = 0.005
 #: queued samples submitted together (the candidate's scheduler batches them) and compared in one call
 _MAX_BATCH = 64
 #: outputs up to this many elements are compared on the event loop (tens of microseconds); larger ones in a thread
