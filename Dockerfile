@@ -6,7 +6,8 @@
 #   docker build --target gpu -t slimserve:0.1.0-gpu .
 #
 # (or scripts/build-image.sh, which also works with podman/buildah). Both run `slimserve serve` as an
-# unprivileged user, listen on 0.0.0.0:8000 and keep their store under /var/lib/slimserve (a volume).
+# unprivileged user, listen on 0.0.0.0:8000 (HTTP) and 8001 (gRPC) and keep their store under
+# /var/lib/slimserve (a volume).
 # No model, variant or TensorRT engine is baked into an image: models are uploaded at run time and
 # live in the store (local volume, or PostgreSQL + S3).
 #
@@ -73,11 +74,12 @@ ENV PATH=/opt/slimserve/bin:${PATH} \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     SLIMSERVE_HOST=0.0.0.0 \
     SLIMSERVE_PORT=8000 \
+    SLIMSERVE_GRPC_PORT=8001 \
     SLIMSERVE_DATA_DIR=/var/lib/slimserve
 WORKDIR /var/lib/slimserve
 VOLUME ["/var/lib/slimserve"]
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os,sys,urllib.request as r; u='http://127.0.0.1:%s/v2/health/live' % os.environ.get('SLIMSERVE_PORT','8000'); sys.exit(0 if r.urlopen(u,timeout=4).status==200 else 1)"]
 ENTRYPOINT ["slimserve"]
@@ -115,11 +117,12 @@ ENV PATH=/opt/slimserve/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     SLIMSERVE_HOST=0.0.0.0 \
     SLIMSERVE_PORT=8000 \
+    SLIMSERVE_GRPC_PORT=8001 \
     SLIMSERVE_DATA_DIR=/var/lib/slimserve
 WORKDIR /var/lib/slimserve
 VOLUME ["/var/lib/slimserve"]
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 # Liveness only (readiness waits for models; orchestrators probe /v2/health/ready themselves). Python's
 # urllib, so no curl in the image; the health routes need no token and answer on every listener.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \

@@ -67,19 +67,15 @@ class Backend(ABC):
 
     def zero_feeds(self, batch_size: int = 1) -> dict[str, np.ndarray]:
         """Zeros for every input, dynamic dimensions set to ``batch_size`` (the first) and 1 (the others)."""
-        return {t.name: np.zeros(concrete_shape(t.shape, batch_size), dtype=_np(t.datatype)) for t in self.inputs}
+        from backends.datatypes import empty_tensor
+
+        return {t.name: empty_tensor(t.datatype, concrete_shape(t.shape, batch_size)) for t in self.inputs}
 
     def unload(self) -> None:  # noqa: B027 - optional hook
         """Free the runtime's resources."""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name}
-
-
-def _np(dt: str) -> np.dtype:
-    from backends.datatypes import numpy_dtype
-
-    return numpy_dtype(dt)
 
 
 def concrete_shape(shape: tuple[int, ...], batch: int = 1) -> tuple[int, ...]:

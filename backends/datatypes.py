@@ -45,8 +45,21 @@ def v2_to_triton_config(dt: str) -> str:
     return "TYPE_STRING" if dt == "BYTES" else f"TYPE_{dt}"
 
 
+#: BYTES (ONNX string) tensors are numpy object arrays of ``str``: ONNX Runtime takes and returns those
+BYTES_DTYPE = np.dtype(object)
+
+
 def numpy_dtype(v2: str) -> np.dtype:
+    if v2 == "BYTES":
+        return BYTES_DTYPE
     try:
         return V2_TO_NUMPY[v2]
     except KeyError:
         raise ValueError(f"unsupported datatype {v2!r}") from None
+
+
+def empty_tensor(v2: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor of zeros (empty strings for BYTES) of datatype ``v2``."""
+    if v2 == "BYTES":
+        return np.full(shape, "", dtype=BYTES_DTYPE)
+    return np.zeros(shape, dtype=numpy_dtype(v2))

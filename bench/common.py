@@ -153,11 +153,23 @@ def slimserve(
     return retrying(lambda: _slimserve(cpus=cpus, intra_op_threads=intra_op_threads, log_name=log_name))
 
 
+#: base URL of each slimserve a script started -> its gRPC address (host:port)
+GRPC_ADDRESSES: dict[str, str] = {}
+
+
+def grpc_address(url: str) -> str:
+    """The gRPC listener of the slimserve at ``url`` (started by ``slimserve``)."""
+    return GRPC_ADDRESSES[url]
+
+
 @contextlib.contextmanager
 def _slimserve(*, cpus: str | None, intra_op_threads: int | None, log_name: str) -> Iterator[str]:
     port = free_port()
+    grpc_port = free_port()
     env = dict(os.environ)
-    env.update({"SLIMSERVE_LOG_LEVEL": "warning", "SLIMSERVE_SYNC_INTERVAL_S": "60"})
+    env.update(
+        {"SLIMSERVE_LOG_LEVEL": "warning", "SLIMSERVE_SYNC_INTERVAL_S": "60", "SLIMSERVE_GRPC_PORT": str(grpc_port)}
+    )
     if intra_op_threads:
         env["SLIMSERVE_INTRA_OP_THREADS"] = str(intra_op_threads)
     for k in ("SLIMSERVE_ADMIN_TOKEN", "SLIMSERVE_INFERENCE_TOKEN", "SLIMSERVE_DATABASE_URL", "SLIMSERVE_BLOB_DIR"):
@@ -175,6 +187,7 @@ def _slimserve(*, cpus: str | None, intra_op_threads: int | None, log_name: str)
             data,
         ]
         url = f"http://{HOST}:{port}"
+        GRPC_ADDRESSES[url] = f"{HOST}:{grpc_port}"
         with process(argv, env=env, cwd=REPO, ready_url=f"{url}/v2/health/ready", log_name=log_name):
             yield url
 
@@ -422,8 +435,10 @@ def perf_analyzer(
     cpus: str | None = None,
     target: str = "slimserve",
     extra_args: Sequence[str] = (),
+    protocol: str = "http",
 ) -> Result:
-    """perf_analyzer in sync mode at one concurrency, random input data.
+    """perf_analyzer in sync mode at one concurrency, random input data; ``protocol`` http or grpc (``url`` is
+    then the gRPC host:port).
 
     It first stabilises on p99 (3 windows within 20% of each other); on a machine too noisy for that it
     falls back to stabilising on the average latency within 50%. ``extra["criterion"]`` says which held.
@@ -442,7 +457,7 @@ def perf_analyzer(
         "-u",
         url.removeprefix("http://"),
         "-i",
-        "http",
+        protocol,
         "--concurrency-range",
         f"{concurrency}:{concurrency}",
         "-p",

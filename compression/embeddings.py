@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from compression.onnx_graph import unique_name
+
 MIN_ELEMENTS = 1 << 16  # smaller tables (position / token-type embeddings of a small model) are not worth a node
 WEIGHT_OPS = {"MatMul": (0, 1), "Gemm": (0, 1, 2), "Conv": (1, 2), "ConvTranspose": (1, 2)}
 
@@ -48,14 +50,6 @@ def _per_row_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(amax > 0, amax / 127.0, 1.0)
     q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
     return q.reshape(w.shape), scale.astype(np.float32)
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    out, i = name, 1
-    while out in taken:
-        out, i = f"{name}_{i}", i + 1
-    taken.add(out)
-    return out
 
 
 def quantize_embeddings(
@@ -110,7 +104,7 @@ def quantize_embeddings(
         q, scale = _per_row_int8(w)
         # names: never ``<tensor>_scale`` for a float tensor that a quantizer may later quantize (ORT names its
         # activation scales that way), hence the ``row_scales`` suffixes
-        q_name, s_name = _unique(f"{name}_int8", taken), _unique(f"{name}_row_scales", taken)
+        q_name, s_name = unique_name(f"{name}_int8", taken), unique_name(f"{name}_row_scales", taken)
         stored_q = q if gathers else q.reshape(len(scale), -1)  # DequantizeLinear(axis=0) needs [rows, ...]
         new_inits += [numpy_helper.from_array(stored_q, q_name), numpy_helper.from_array(scale, s_name)]
         removed.add(name)
@@ -126,29 +120,31 @@ def quantize_embeddings(
         report.quantized.append(entry)
         report.bytes_saved += entry["bytes_before"] - entry["bytes_after"]
         if gathers:
-            axes = _unique(f"{name}_last_axis", taken)
+            axes = unique_name(f"{name}_last_axis", taken)
             new_inits.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
             for node, _ in uses:
                 y = node.output[0]
                 tag = node.name or y
-                rows_q, rows_s = _unique(f"{y}_int8_rows", taken), _unique(f"{y}_row_scales", taken)
-                rows_f, rows_s2 = _unique(f"{y}_int8_as_float", taken), _unique(f"{y}_row_scales_column", taken)
+                rows_q, rows_s = unique_name(f"{y}_int8_rows", taken), unique_name(f"{y}_row_scales", taken)
+                rows_f, rows_s2 = unique_name(f"{y}_int8_as_float", taken), unique_name(f"{y}_row_scales_column", taken)
                 replacements[id(node)] = [
-                    helper.make_node("Gather", [q_name, node.input[1]], [rows_q], _unique(f"{tag}_int8", taken)),
-                    helper.make_node("Gather", [s_name, node.input[1]], [rows_s], _unique(f"{tag}_scale", taken)),
-                    helper.make_node("Unsqueeze", [rows_s, axes], [rows_s2], _unique(f"{tag}_unsqueeze", taken)),
-                    helper.make_node("Cast", [rows_q], [rows_f], _unique(f"{tag}_cast", taken), to=TensorProto.FLOAT),
-                    helper.make_node("Mul", [rows_f, rows_s2], [y], _unique(f"{tag}_dequantize", taken)),
+                    helper.make_node("Gather", [q_name, node.input[1]], [rows_q], unique_name(f"{tag}_int8", taken)),
+                    helper.make_node("Gather", [s_name, node.input[1]], [rows_s], unique_name(f"{tag}_scale", taken)),
+                    helper.make_node("Unsqueeze", [rows_s, axes], [rows_s2], unique_name(f"{tag}_unsqueeze", taken)),
+                    helper.make_node(
+                        "Cast", [rows_q], [rows_f], unique_name(f"{tag}_cast", taken), to=TensorProto.FLOAT
+                    ),
+                    helper.make_node("Mul", [rows_f, rows_s2], [y], unique_name(f"{tag}_dequantize", taken)),
                 ]
         else:
-            zp = _unique(f"{name}_zero_point", taken)
+            zp = unique_name(f"{name}_zero_point", taken)
             new_inits.append(numpy_helper.from_array(np.zeros(len(scale), np.int8), zp))
-            rows = name if q.ndim == 2 else _unique(f"{name}_rows", taken)
+            rows = name if q.ndim == 2 else unique_name(f"{name}_rows", taken)
             prefix.append(helper.make_node("DequantizeLinear", [q_name, s_name, zp], [rows], f"{rows}_dq", axis=0))
             if q.ndim != 2:
-                shape = _unique(f"{name}_shape", taken)
+                shape = unique_name(f"{name}_shape", taken)
                 new_inits.append(numpy_helper.from_array(np.array(w.shape, np.int64), shape))
-                prefix.append(helper.make_node("Reshape", [rows, shape], [name], _unique(f"{name}_reshape", taken)))
+                prefix.append(helper.make_node("Reshape", [rows, shape], [name], unique_name(f"{name}_reshape", taken)))
     if not removed:
         return out, report
     nodes = list(prefix)

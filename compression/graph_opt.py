@@ -43,6 +43,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compression.onnx_graph import unique_name
+
 
 @dataclass
 class FusionReport:
@@ -74,9 +76,9 @@ def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         x = node.input[0]
         for k, axis in enumerate(axes):
             last = k == len(axes) - 1
-            y = node.output[0] if last else _unique(f"{node.output[0]}_unsqueeze{k}", taken)
-            name = _unique(f"{node.name or node.output[0]}_{k}", taken)
-            a = _unique(f"{name}_axes", taken)
+            y = node.output[0] if last else unique_name(f"{node.output[0]}_unsqueeze{k}", taken)
+            name = unique_name(f"{node.name or node.output[0]}_{k}", taken)
+            a = unique_name(f"{name}_axes", taken)
             graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), a))
             nodes.append(helper.make_node("Unsqueeze", [x, a], [y], name))
             x = y
@@ -140,14 +142,6 @@ def _unsqueeze_axes(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) ->
     if len(node.input) >= 2 and node.input[1] in inits:  # opset >= 13
         return [int(a) for a in numpy_helper.to_array(inits[node.input[1]]).ravel()]
     return None  # opset < 13 (axes attribute): ORT's matchers read those as they are
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    out, i = name, 1
-    while out in taken:
-        out, i = f"{name}_{i}", i + 1
-    taken.add(out)
-    return out
 
 
 @contextlib.contextmanager

@@ -50,6 +50,16 @@ class WeightRef:
         return self.shape[1] if self.trans_b else self.shape[0]
 
 
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... the first not in ``taken`` (which it joins): for nodes and
+    tensors a pass adds to a graph."""
+    out, i = name, 1
+    while out in taken:
+        out, i = f"{name}_{i}", i + 1
+    taken.add(out)
+    return out
+
+
 def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
     for a in node.attribute:
         if a.name == name:

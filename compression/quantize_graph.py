@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from compression.onnx_graph import unique_name
+
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 
 
@@ -112,10 +114,10 @@ def smooth(model: onnx.ModelProto, nodes: list[WeightNode], amax: dict[str, np.n
         for wn, w, ax in zip(group, weights, axes, strict=True):
             scaled = w * (s[:, None] if ax == 0 else s[None, :])
             inits[wn.weight].CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), wn.weight))
-        scale_name = _unique(f"{x}_smooth_inv_scale", taken)
-        out_name = _unique(f"{x}_smoothed", taken)
+        scale_name = unique_name(f"{x}_smooth_inv_scale", taken)
+        out_name = unique_name(f"{x}_smoothed", taken)
         model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), scale_name))
-        mul = helper.make_node("Mul", [x, scale_name], [out_name], name=_unique(f"{x}_SmoothQuantMul", taken))
+        mul = helper.make_node("Mul", [x, scale_name], [out_name], name=unique_name(f"{x}_SmoothQuantMul", taken))
         first = min(order[id(by_name[wn.name])] for wn in group)
         for wn in group:
             node = by_name[wn.name]
@@ -125,14 +127,6 @@ def smooth(model: onnx.ModelProto, nodes: list[WeightNode], amax: dict[str, np.n
     for pos, mul in sorted(inserted, key=lambda t: -t[0]):
         model.graph.node.insert(pos, mul)
     return done
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    out, i = name, 1
-    while out in taken:
-        out, i = f"{name}_{i}", i + 1
-    taken.add(out)
-    return out
 
 
 def float_for_unquantized_consumers(model: onnx.ModelProto, quantized: set[str]) -> int:

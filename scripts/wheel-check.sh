@@ -13,7 +13,7 @@ cd "$work"
 "$work/venv/bin/python" - <<'PY'
 import importlib, pathlib
 for name in ["service", "service.app", "service.routes.v2", "service.cli", "backends", "backends.onnxruntime_backend",
-             "model_store", "compression", "compression.metrics"]:
+             "model_store", "compression", "compression.metrics", "service.grpc.server", "service.grpc.generate"]:
     mod = importlib.import_module(name)
     assert "site-packages" in str(pathlib.Path(mod.__file__)), (name, mod.__file__)
 from service.app import create_app

@@ -19,6 +19,7 @@ from service import __version__
 from service.context import AppContext
 from service.errors import ApiError, SetupError
 from service.job_processes import JobProcessPool
+from service.loaded import settle_heap
 from service.settings import Settings
 
 log = logging.getLogger("slimserve")
@@ -44,16 +45,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 len(report.missing),
             )
         await ctx.loaded.sync(force=True)
+        settle_heap()  # the imports and whatever the first sync loaded (loaded.py settles after later loads)
         await ctx.traffic.refresh()
         ctx.traffic.mirror.start()
         decider = asyncio.create_task(ctx.decider.run())
         syncer = asyncio.create_task(_sync_loop(ctx))
+        grpc_listener = None
+        if settings.grpc_port:  # imported here: a server with gRPC off never loads grpcio
+            from service.grpc.server import GrpcListener
+
+            grpc_listener = GrpcListener(ctx)
+            await grpc_listener.start()
         workers = JobProcessPool(settings)
         workers.start()
         try:
             yield
         finally:
             ctx.shutting_down = True
+            if grpc_listener is not None:
+                await grpc_listener.close()
             await workers.stop()
             for task in (syncer, decider):
                 task.cancel()

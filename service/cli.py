@@ -46,7 +46,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default: SLIMSERVE_PORT or 8000)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="store directory (default ./data)")] = None,
 ) -> None:
-    """Run the HTTP server (SQLite + local directory + ONNX Runtime CPU unless configured otherwise)."""
+    """Run the server: HTTP, and gRPC on SLIMSERVE_GRPC_PORT (SQLite + local directory + ONNX Runtime CPU unless
+    configured otherwise)."""
     from service.app import create_app
     from service.errors import SetupError
     from service.server import serve as run_server
@@ -61,7 +62,8 @@ def serve(
     except SetupError as e:
         console.print(f"[red]slimserve cannot start:[/red] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
-    console.print(f"slimserve on http://{settings.host}:{settings.port}  store: {settings.data_dir.resolve()}")
+    grpc = f"  gRPC: {settings.host}:{settings.grpc_port}" if settings.grpc_port else ""
+    console.print(f"slimserve on http://{settings.host}:{settings.port}{grpc}  store: {settings.data_dir.resolve()}")
     run_server(app_, settings)
 
 

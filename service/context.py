@@ -10,6 +10,7 @@ from service.loaded import LoadedVariants
 from service.metrics import Metrics
 from service.promotion import Decider
 from service.settings import Settings
+from service.tensors import TensorLimits
 from service.shadow import ShadowMirror, TrafficMetrics
 from service.traffic import TrafficRouter
 
@@ -21,6 +22,7 @@ class AppContext:
     metrics: Metrics
     loaded: LoadedVariants
     plane: DataPlane
+    limits: TensorLimits
     traffic: TrafficRouter
     decider: Decider
     shutting_down: bool = False
@@ -36,4 +38,4 @@ class AppContext:
         mirror = ShadowMirror(loaded, traffic_metrics, settings.shadow_queue_size)
         traffic = TrafficRouter(loaded, mirror)
         decider = Decider(store.traffic, loaded, traffic, traffic_metrics, settings.traffic_interval_s)
-        return cls(settings, store, metrics, loaded, DataPlane(loaded), traffic, decider)
+        return cls(settings, store, metrics, loaded, DataPlane(loaded), settings.tensor_limits, traffic, decider)

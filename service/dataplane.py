@@ -1,4 +1,4 @@
-"""The inference data plane: what every front end (REST today, gRPC next) shares between its wire codecs.
+"""The inference data plane: what every front end (REST and gRPC) shares between its wire codecs.
 
 A front end turns its wire format into numpy arrays and back; everything in between lives here once, so
 two protocols cannot disagree on what a 404 is or which outcome a failure counts as:
@@ -12,17 +12,17 @@ two protocols cannot disagree on what a 404 is or which outcome a failure counts
 A front end drives one request as::
 
     sv = await plane.resolve(name, version, headers)   # headers: the sticky key's source (or None)
-    t0 = plane.begin(sv)
+    t0 = plane.begin(sv, protocol)          # protocol: "rest" or "grpc" (metrics.PROTOCOLS), a metrics label
     try:
         ...decode (wire-specific)...
         outputs = await plane.submit(sv, inputs, outputs, rows, timeout_us)
         ...encode (wire-specific)...
     except <the transport's "client went away">:
-        plane.abandon(sv)
+        plane.abandon(sv, protocol)
         raise
     except BaseException as e:
-        raise plane.fail(sv, t0, e) from None
-    plane.succeed(sv, t0)
+        raise plane.fail(sv, protocol, t0, e) from None
+    plane.succeed(sv, protocol, t0)
     ...tell the client which variant answered: sv.variant (REST: X-Slimserve-Variant and the response
        parameters' "slimserve_variant"; gRPC: the same parameter in ModelInferResponse.parameters)...
 
@@ -65,8 +65,8 @@ class DataPlane:
         return sv
 
     @staticmethod
-    def begin(sv: ServedVariant) -> int:
-        sv.metrics.inflight.inc()
+    def begin(sv: ServedVariant, protocol: str) -> int:
+        sv.metrics.by_protocol[protocol].inflight.inc()
         return time.perf_counter_ns()
 
     @staticmethod
@@ -85,9 +85,9 @@ class DataPlane:
         return fut
 
     @staticmethod
-    def succeed(sv: ServedVariant, t0: int) -> None:
+    def succeed(sv: ServedVariant, protocol: str, t0: int) -> None:
         elapsed = time.perf_counter_ns() - t0
-        m = sv.metrics
+        m = sv.metrics.by_protocol[protocol]
         m.inflight.dec()
         m.request.observe(elapsed / 1e9)
         m.ok.inc()
@@ -96,16 +96,16 @@ class DataPlane:
             st.success.add(elapsed)
 
     @staticmethod
-    def abandon(sv: ServedVariant) -> None:
+    def abandon(sv: ServedVariant, protocol: str) -> None:
         """The client went away before its answer: not an outcome of the model (the front end counts aborts)."""
-        sv.metrics.inflight.dec()
+        sv.metrics.by_protocol[protocol].inflight.dec()
 
     @staticmethod
-    def fail(sv: ServedVariant, t0: int, exc: BaseException) -> BaseException:
+    def fail(sv: ServedVariant, protocol: str, t0: int, exc: BaseException) -> BaseException:
         """Count a failed request and return what the front end should raise: an ``ApiError`` for every
         ``Exception`` (unexpected ones become a 500 with a one-line message, logged once with the variant);
         cancellation and other ``BaseException`` pass through uncounted."""
-        m = sv.metrics
+        m = sv.metrics.by_protocol[protocol]
         m.inflight.dec()
         if not isinstance(exc, Exception):
             return exc

@@ -1,8 +1,9 @@
 """Prometheus metrics, defined once on an injectable registry.
 
 Base units with unit suffixes, histograms (not summaries) so quantiles aggregate across replicas, and
-bounded labels: model, version, variant, backend. Children are bound once per served variant at load
-time (``VariantMetrics``), so the request path does no label lookups.
+bounded labels: model, version, variant, backend, and ``protocol`` (rest, grpc) on the request series
+(duration, outcome, in flight). Children are bound once per served variant at load time (``VariantMetrics``),
+so the request path does no label lookups.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LABELS = ("model", "version", "variant", "backend")
+#: the front ends of the data plane: the ``protocol`` label of the request series (a closed set)
+PROTOCOLS = ("rest", "grpc")
+REQUEST_LABELS = (*LABELS, "protocol")
+OUTCOMES = ("success", "client_error", "server_error", "rejected", "timeout")
 # Latency buckets from 100 us to 30 s: CPU small models sit at the low end, large batches at the top.
 LATENCY_BUCKETS = (
     0.0001,
@@ -43,7 +48,7 @@ class Metrics:
         self.request_duration = Histogram(
             "slimserve_request_duration_seconds",
             "Inference request time inside the server, from body received to response built.",
-            LABELS,
+            REQUEST_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -71,13 +76,13 @@ class Metrics:
         self.requests = Counter(
             "slimserve_requests_total",
             "Inference requests by outcome (success, client_error, server_error, rejected, timeout).",
-            (*LABELS, "outcome"),
+            (*REQUEST_LABELS, "outcome"),
             registry=r,
         )
         self.inflight = Gauge(
             "slimserve_inflight_requests",
             "Inference requests being handled now.",
-            LABELS,
+            REQUEST_LABELS,
             registry=r,
         )
         self.queue_depth = Gauge(
@@ -143,18 +148,24 @@ class Metrics:
 
     def bind(self, model: str, version: int, variant: str, backend: str) -> VariantMetrics:
         lv = (model, str(version), variant, backend)
+        by_protocol = {
+            p: RequestMetrics(
+                request=self.request_duration.labels(*lv, p),
+                ok=self.requests.labels(*lv, p, "success"),
+                client_error=self.requests.labels(*lv, p, "client_error"),
+                server_error=self.requests.labels(*lv, p, "server_error"),
+                rejected=self.requests.labels(*lv, p, "rejected"),
+                timeout=self.requests.labels(*lv, p, "timeout"),
+                inflight=self.inflight.labels(*lv, p),
+            )
+            for p in PROTOCOLS
+        }
         return VariantMetrics(
             labels=lv,
-            request=self.request_duration.labels(*lv),
+            by_protocol=by_protocol,
             queue=self.queue_duration.labels(*lv),
             compute=self.compute_duration.labels(*lv),
             batch=self.batch_size.labels(*lv),
-            ok=self.requests.labels(*lv, "success"),
-            client_error=self.requests.labels(*lv, "client_error"),
-            server_error=self.requests.labels(*lv, "server_error"),
-            rejected=self.requests.labels(*lv, "rejected"),
-            timeout=self.requests.labels(*lv, "timeout"),
-            inflight=self.inflight.labels(*lv),
             queue_depth=self.queue_depth.labels(*lv),
             load=self.load_duration.labels(*lv),
             size=self.variant_size.labels(*lv),
@@ -179,11 +190,9 @@ class Metrics:
     def forget(self, vm: VariantMetrics) -> None:
         """Drop an unloaded variant's series so label sets stay bounded by what is loaded."""
         for metric in (
-            self.request_duration,
             self.queue_duration,
             self.compute_duration,
             self.batch_size,
-            self.inflight,
             self.queue_depth,
             self.load_duration,
             self.variant_size,
@@ -193,24 +202,35 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(*vm.labels)
-        for outcome in ("success", "client_error", "server_error", "rejected", "timeout"):
-            with contextlib.suppress(KeyError):
-                self.requests.remove(*vm.labels, outcome)
+        for p in PROTOCOLS:
+            for per_protocol in (self.request_duration, self.inflight):
+                with contextlib.suppress(KeyError):
+                    per_protocol.remove(*vm.labels, p)
+            for outcome in OUTCOMES:
+                with contextlib.suppress(KeyError):
+                    self.requests.remove(*vm.labels, p, outcome)
 
 
 @dataclass
-class VariantMetrics:
-    labels: tuple[str, str, str, str]
+class RequestMetrics:
+    """One variant's request series for one protocol."""
+
     request: Histogram
-    queue: Histogram
-    compute: Histogram
-    batch: Histogram
     ok: Counter
     client_error: Counter
     server_error: Counter
     rejected: Counter
     timeout: Counter
     inflight: Gauge
+
+
+@dataclass
+class VariantMetrics:
+    labels: tuple[str, str, str, str]
+    by_protocol: dict[str, RequestMetrics]
+    queue: Histogram
+    compute: Histogram
+    batch: Histogram
     queue_depth: Gauge
     load: Histogram
     size: Gauge

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_store import ModelStore, open_store
+from service.tensors import TensorLimits
 
 
 class Settings(BaseSettings):
@@ -20,6 +21,8 @@ class Settings(BaseSettings):
     management_port: int | None = Field(None, ge=1, le=65535)
     #: serve /metrics on its own port
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    #: the gRPC listener (Triton's GRPCInferenceService, grpc.health.v1, reflection) on the same host; 0: off
+    grpc_port: int = Field(8001, ge=0, le=65535)
     #: on SIGTERM, how long in-flight requests may take to finish
     shutdown_timeout_s: float = Field(30.0, ge=0)
     #: the local store: catalog.db (SQLite), blobs/ and engines/ (TensorRT engine cache)
@@ -46,6 +49,9 @@ class Settings(BaseSettings):
     max_infer_body_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     #: elements in one input tensor of an inference request
     max_tensor_elements: int = Field(1 << 28, ge=1)
+    #: elements in one BYTES (string) input tensor (each is a Python object in the server), and bytes in one element
+    max_bytes_elements: int = Field(1 << 16, ge=1)
+    max_bytes_element_len: int = Field(1 << 20, ge=1)
     #: request head (request line and headers) cap, and header-field count cap: 431 beyond them
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     max_headers: int = Field(100, ge=4)
@@ -97,6 +103,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
+        if self.grpc_port and self.grpc_port in (self.port, self.management_port, self.metrics_port):
+            raise ValueError(f"SLIMSERVE_GRPC_PORT {self.grpc_port} is also an HTTP port: give gRPC its own (0: off)")
         if self.admin_token is None and self.admin_token_file is not None:
             self.admin_token = SecretStr(self.admin_token_file.read_text().strip())
         if self.inference_token is None and self.inference_token_file is not None:
@@ -104,6 +112,10 @@ class Settings(BaseSettings):
         if self.database_url is None and self.database_url_file is not None:
             self.database_url = self.database_url_file.read_text().strip()
         return self
+
+    @property
+    def tensor_limits(self) -> TensorLimits:
+        return TensorLimits(self.max_tensor_elements, self.max_bytes_elements, self.max_bytes_element_len)
 
     @property
     def resolved_database_url(self) -> str:

@@ -22,8 +22,11 @@ from typing import Any
 
 from backends import TensorSpec
 from backends.datatypes import v2_to_triton_config
-from service.loaded import ServedVariant
+from service.loaded import LoadedVariants, ServedVariant
 from service.scheduler import SchedulerConfig
+
+#: the protocol extensions both front ends implement (REST GET /v2, gRPC ServerMetadata)
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration", "schedule_policy"]
 
 
 @dataclass(frozen=True)
@@ -130,4 +133,19 @@ def triton_config(d: ServedDescription, name: str) -> dict[str, Any]:
             "max_queue_delay_microseconds": cfg.max_queue_delay_ns // 1000,
             "default_queue_policy": {"max_queue_size": cfg.max_queue_size},
         }
+    return out
+
+
+def statistics(sv: ServedVariant, name: str) -> dict[str, Any]:
+    """One entry of Triton's statistics extension (``model_stats``)."""
+    return {"name": name, "version": str(sv.version), **sv.stats.to_dict()}
+
+
+def all_statistics(loaded: LoadedVariants) -> list[dict[str, Any]]:
+    """Every served variant's statistics, named as requests name it (``model`` for the default variant)."""
+    out = []
+    for ver in loaded.served_versions():
+        for vname, sv in ver.variants.items():
+            label = ver.model if vname == ver.default_variant else f"{ver.model}:{vname}"
+            out.append(statistics(sv, label))
     return out

@@ -15,7 +15,6 @@ datatypes take integers only, BOOL takes true/false only, and a value the dataty
 from __future__ import annotations
 
 import gzip
-import math
 import zlib
 from dataclasses import dataclass
 from itertools import chain
@@ -25,8 +24,23 @@ import numpy as np
 import orjson
 
 from backends import TensorSpec
-from backends.datatypes import NUMPY_TO_V2, V2_TO_NUMPY
-from service.errors import BadRequest, InternalError, PayloadTooLarge
+from backends.datatypes import V2_TO_NUMPY
+from service.errors import BadRequest, PayloadTooLarge
+from service.tensors import (
+    TensorLimits,
+    bytes_input,
+    check_count,
+    check_input,
+    check_output,
+    fixed_dtype,
+    join_length_prefixed,
+    output_bytes,
+    output_datatype,
+    output_strings,
+    request_rows,
+    split_length_prefixed,
+    strings_input,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 MAX_JSON_DEPTH = 64
@@ -87,7 +101,7 @@ def decode_request(
     inputs_spec: dict[str, TensorSpec],
     output_names: frozenset[str],
     max_batch_size: int,
-    max_elements: int = 1 << 28,
+    limits: TensorLimits = TensorLimits(),
 ) -> DecodedRequest:
     if header_length is not None:
         try:
@@ -125,61 +139,36 @@ def decode_request(
         raise BadRequest("'inputs' must be a non-empty list")
     arrays: dict[str, np.ndarray] = {}
     offset = 0
-    rows = 1
     for item in items:
         if not isinstance(item, dict):
             raise BadRequest("each input must be an object")
         name = item.get("name")
         spec = inputs_spec.get(name) if isinstance(name, str) else None
-        if spec is None:
-            raise BadRequest(f"unexpected inference input {name!r}; the model's inputs are {sorted(inputs_spec)}")
-        if name in arrays:
+        if spec is not None and name in arrays:
             raise BadRequest(f"input {name!r} is given twice")
-        arr, used = _decode_tensor(item, spec, binary, offset, max_elements)
+        arr, used = _decode_tensor(item, spec, inputs_spec, binary, offset, limits)
         offset += used
-        arrays[name] = arr
-    missing = sorted(set(inputs_spec) - set(arrays))
-    if missing:
-        raise BadRequest(f"missing inputs {missing}")
+        arrays[spec.name] = arr  # type: ignore[union-attr] # _decode_tensor refused a None spec
     if offset != len(binary):
         raise BadRequest(f"the body carries {len(binary)} bytes of binary data but the inputs declare {offset}")
-    if max_batch_size > 0:
-        batch_sizes = {a.shape[0] for a in arrays.values()}
-        if len(batch_sizes) != 1:
-            raise BadRequest(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
-        rows = batch_sizes.pop()
-        if rows > max_batch_size:
-            raise BadRequest(f"batch size {rows} is over the model's max_batch_size {max_batch_size}")
-        if rows < 1:
-            raise BadRequest("the batch size must be at least 1")
+    rows = request_rows(arrays, inputs_spec, max_batch_size)
 
     outputs, per_output = _decode_outputs(req.get("outputs"), output_names, binary_default)
     return DecodedRequest(rid, arrays, rows, outputs, per_output, binary_default, timeout)
 
 
 def _decode_tensor(
-    item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: int, max_elements: int
+    item: dict[str, Any],
+    spec: TensorSpec | None,
+    inputs_spec: dict[str, TensorSpec],
+    binary: memoryview,
+    offset: int,
+    limits: TensorLimits,
 ) -> tuple[np.ndarray, int]:
-    name = spec.name
-    shape = item.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    datatype = item.get("datatype")
-    if datatype != spec.datatype:
-        raise BadRequest(f"input {name!r} has datatype {datatype!r}, but the model expects {spec.datatype}")
-    if len(shape) != len(spec.shape):
-        raise BadRequest(
-            f"input {name!r} has shape {shape}, but the model expects rank {len(spec.shape)} ({list(spec.shape)})"
-        )
-    for got, want in zip(shape, spec.shape, strict=True):
-        if want >= 0 and got != want:
-            raise BadRequest(f"input {name!r} has shape {shape}, but the model expects {list(spec.shape)}")
-    count = math.prod(shape)
-    if count > max_elements:
-        raise BadRequest(f"input {name!r} has {count} elements, over the limit of {max_elements}")
-    dtype = V2_TO_NUMPY.get(datatype)
-    if dtype is None:
-        raise BadRequest(f"input {name!r}: datatype {datatype} is not supported")
+    spec, shape, count = check_input(item.get("name"), item.get("datatype"), item.get("shape"), spec, inputs_spec)
+    name, datatype = spec.name, spec.datatype
+    check_count(name, datatype, count, limits)
+    dtype = None if datatype == "BYTES" else fixed_dtype(name, datatype)
     params = item.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequest(f"input {name!r}: 'parameters' must be an object")
@@ -189,13 +178,16 @@ def _decode_tensor(
             raise BadRequest(f"input {name!r} has both 'data' and binary_data_size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer")
-        if size != count * dtype.itemsize:
+        if dtype is not None and size != count * dtype.itemsize:
             raise BadRequest(
                 f"input {name!r}: binary_data_size is {size} bytes, but shape {shape} of {datatype} "
                 f"needs {count * dtype.itemsize}"
             )
         if offset + size > len(binary):
             raise BadRequest(f"input {name!r}: the body ends before its {size} bytes of binary data")
+        if dtype is None:
+            items = split_length_prefixed(name, binary[offset : offset + size], count)
+            return bytes_input(name, items, shape, limits), size
         arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
         return arr, size
     data = item.get("data")
@@ -203,23 +195,32 @@ def _decode_tensor(
         raise BadRequest(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
     if not isinstance(data, list):
         data = [data]
-    arr = _json_values(name, datatype, dtype, data)
-    if arr.size != count:
-        raise BadRequest(f"input {name!r}: 'data' has {arr.size} elements but shape {shape} needs {count}")
-    return arr.reshape(shape), 0
+    flat = _flatten(name, data)
+    if len(flat) != count:
+        raise BadRequest(f"input {name!r}: 'data' has {len(flat)} elements but shape {shape} needs {count}")
+    if dtype is None:
+        return strings_input(name, flat, shape, limits), 0
+    return _json_values(name, datatype, dtype, flat).reshape(shape), 0
 
 
-def _json_values(name: str, datatype: str, dtype: np.dtype, data: list[Any]) -> np.ndarray:
-    """JSON ``data`` (a flat list, or regularly nested lists) as a flat array of ``dtype``, strictly (see the
-    module docstring). The JSON values' own types are checked before numpy sees them: numpy would turn
-    ``true`` into 1.0 and ``"1.5"`` into 1.5 without a word."""
+def _flatten(name: str, data: list[Any]) -> list[Any]:
+    """JSON ``data`` (a flat list, or regularly nested lists) as a flat list: one pass per nesting level, in C
+    (chain, map), not one Python call per element."""
     flat = data
     types = set(map(type, flat))
-    while list in types:  # one pass per nesting level, in C (chain, map), not one Python call per element
+    while list in types:
         if len(types) > 1 or len(set(map(len, flat))) > 1:
             raise BadRequest(f"input {name!r}: 'data' must be a flat list, or nested lists of equal lengths")
         flat = list(chain.from_iterable(flat))
         types = set(map(type, flat))
+    return flat
+
+
+def _json_values(name: str, datatype: str, dtype: np.dtype, flat: list[Any]) -> np.ndarray:
+    """Flat JSON ``data`` as an array of ``dtype``, strictly (see the module docstring). The JSON values' own
+    types are checked before numpy sees them: numpy would turn ``true`` into 1.0 and ``"1.5"`` into 1.5 without
+    a word."""
+    types = set(map(type, flat))
     if datatype == "BOOL":
         if types - {bool}:
             raise BadRequest(f"input {name!r}: BOOL data must be JSON true/false")
@@ -273,9 +274,7 @@ def _decode_outputs(
     for o in items:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise BadRequest("each requested output must be an object with a 'name'")
-        name = o["name"]
-        if name not in output_names:
-            raise BadRequest(f"unknown output {name!r}; the model's outputs are {sorted(output_names)}")
+        name = check_output(o["name"], output_names)
         params = o.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequest(f"output {name!r}: 'parameters' must be an object")
@@ -305,14 +304,17 @@ def encode_response(
     chunks: list[bytes | memoryview] = []
     for name in order:
         arr = outputs[name]
-        dt = NUMPY_TO_V2.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
-        if dt is None:  # the model's own output: the server's problem, not the caller's
-            raise InternalError(f"output {name!r} has a datatype ({arr.dtype}) the protocol cannot carry")
+        dt = output_datatype(name, arr)
         entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
         if binary.get(name, binary_default):
-            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-            entry["parameters"] = {"binary_data_size": raw.nbytes}
-            chunks.append(memoryview(raw).cast("B"))
+            if dt == "BYTES":
+                raw: bytes | memoryview = join_length_prefixed(output_bytes(arr))
+            else:
+                raw = memoryview(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))).cast("B")
+            entry["parameters"] = {"binary_data_size": raw.nbytes if isinstance(raw, memoryview) else len(raw)}
+            chunks.append(raw)
+        elif dt == "BYTES":
+            entry["data"] = output_strings(arr)
         else:
             flat = arr.reshape(-1)
             entry["data"] = flat.astype(np.float32) if dt == "FP16" else np.ascontiguousarray(flat)

@@ -23,7 +23,7 @@ import numpy as np
 
 from backends import TensorSpec
 from backends.base import concrete_shape
-from backends.datatypes import numpy_dtype
+from backends.datatypes import empty_tensor, numpy_dtype
 from service.model_config import WarmupConfig, WarmupInput
 
 #: where an input's warm-up value came from; the first two are the user's real samples
@@ -123,8 +123,8 @@ def _made_up_shape(spec: TensorSpec, given: WarmupInput | None) -> tuple[int, ..
 
 def _made_up(spec: TensorSpec, shape: tuple[int, ...], fill: str, rng: np.random.Generator) -> np.ndarray:
     dtype = numpy_dtype(spec.datatype)
-    if fill == "zero":
-        return np.zeros(shape, dtype)
+    if fill == "zero" or dtype.kind == "O":  # BYTES: empty strings
+        return empty_tensor(spec.datatype, shape)
     if dtype.kind == "b":
         return rng.integers(0, 2, shape).astype(bool)
     if dtype.kind in "iu":

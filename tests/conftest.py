@@ -18,6 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+# One BLAS thread in the test process and in every process it starts (set before numpy loads): on a 2-core
+# machine shared by the suite's own servers, OpenBLAS's spinning threads made a 0.5 s sklearn fit take 9 s.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("SLIMSERVE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -36,6 +41,7 @@ class Server:
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    grpc_port: int = 0  # 0: the gRPC listener is off
     extra_args: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 60.0) -> None:
@@ -95,9 +101,15 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerF
         d = data_dir or tmp_path_factory.mktemp("slimserve")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
         full_env.update(
-            {"SLIMSERVE_SYNC_INTERVAL_S": "0.5", "SLIMSERVE_JOB_WORKERS": "0", "PYTHONUNBUFFERED": "1", **env}
+            {
+                "SLIMSERVE_SYNC_INTERVAL_S": "0.5",
+                "SLIMSERVE_JOB_WORKERS": "0",
+                "PYTHONUNBUFFERED": "1",
+                "SLIMSERVE_GRPC_PORT": str(free_port()),  # never the default 8001: servers run side by side
+                **env,
+            }
         )
-        s = Server(f"http://127.0.0.1:{port}", port, d, full_env)
+        s = Server(f"http://127.0.0.1:{port}", port, d, full_env, grpc_port=int(full_env["SLIMSERVE_GRPC_PORT"]))
         started.append(s)
         if start:
             s.start()

@@ -250,3 +250,36 @@ def batch_collapsing() -> bytes:
         [axes],
     )
     return _model(graph)
+
+
+#: every datatype of the protocol, as ONNX element types (BYTES: ONNX string)
+EVERY_TYPE = {
+    **IDENTITY_TYPES,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def identity_every_type() -> bytes:
+    """identity_all_types with every protocol datatype, BYTES (ONNX string) included."""
+    nodes, ins, outs = [], [], []
+    for name, et in EVERY_TYPE.items():
+        ins.append(helper.make_tensor_value_info(f"in_{name}", et, ["N", 3]))
+        outs.append(helper.make_tensor_value_info(f"out_{name}", et, ["N", 3]))
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+    return _model(helper.make_graph(nodes, "identity_every", ins, outs))
+
+
+def string_join() -> bytes:
+    """Strings in and out: a[N,1], b[N,1] (BYTES) -> joined[N,2] = Concat(a, b) and first[N,1] = Identity(a)."""
+    s = TensorProto.STRING
+    nodes = [helper.make_node("Concat", ["a", "b"], ["joined"], axis=1), helper.make_node("Identity", ["a"], ["first"])]
+    graph = helper.make_graph(
+        nodes,
+        "string_join",
+        [helper.make_tensor_value_info("a", s, ["N", 1]), helper.make_tensor_value_info("b", s, ["N", 1])],
+        [helper.make_tensor_value_info("joined", s, ["N", 2]), helper.make_tensor_value_info("first", s, ["N", 1])],
+    )
+    return _model(graph)

@@ -189,6 +189,7 @@ def test_gpu_engine_configs_on_a_machine_without_a_gpu(server: Server) -> None:
         assert c.get("/v1/gpus").json()["targets"] == [cpu_target().id]  # what this replica would build for
 
 
+@pytest.mark.slow  # starts processes
 def test_a_worker_refuses_targets_its_machine_lacks(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
     env["SLIMSERVE_DATA_DIR"] = str(tmp_path)

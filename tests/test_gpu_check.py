@@ -14,6 +14,7 @@ from tests.conftest import ROOT
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
 
 
+@pytest.mark.slow  # starts processes
 def test_the_gpu_check_stops_at_once_saying_what_is_missing(tmp_path: object) -> None:
     from backends import gpu
 

@@ -51,6 +51,7 @@ def burst(queues: list[JobQueue], per_thread: int) -> Counter[str]:
     return outcomes
 
 
+@pytest.mark.slow  # threads racing on a real database
 def test_concurrent_creates_never_pass_the_cap(database_url: str) -> None:
     catalog = Catalog(database_url)
     catalog.create_version("m", [NewVariant("original", "original", "0" * 64, 10)])

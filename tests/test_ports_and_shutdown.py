@@ -6,8 +6,11 @@ import asyncio
 import json
 import signal
 import time
+from typing import Any
 
 import httpx
+import numpy as np
+import pytest
 
 from tests.conftest import ServerFactory, free_port, upload
 from tests.onnx_models import mlp
@@ -68,5 +71,50 @@ def test_sigterm_drains_requests_waiting_in_the_batcher(server_factory: ServerFa
     responses, refused_new = asyncio.run(scenario())
     assert all(r.status_code == 200 for r in responses), [r.status_code for r in responses]
     assert refused_new  # the listener closed at once: new connections are refused
+    assert s.proc is not None
+    assert s.proc.wait(timeout=30) == 0
+
+
+def test_sigterm_drains_grpc_requests_waiting_in_the_batcher(server_factory: ServerFactory) -> None:
+    """The gRPC listener drains with the HTTP one: queued calls are answered, new ones are not taken."""
+    grpcaio = pytest.importorskip("tritonclient.grpc.aio", reason="tritonclient[grpc] is not installed")
+    s = server_factory()
+    cfg = {"max_batch_size": 64, "batching": {"max_queue_delay_us": 1_500_000, "preferred_batch_sizes": [64]}}
+    with s.client() as c:
+        assert upload(c, "gdrain", mlp(), config=json.dumps(cfg)).status_code == 201
+
+    def queued() -> float:
+        text = httpx.get(f"{s.url}/metrics").text
+        line = next((x for x in text.splitlines() if x.startswith("slimserve_queue_depth{") and "gdrain" in x), "")
+        return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+    async def scenario() -> tuple[list[Any], bool]:
+        client = grpcaio.InferenceServerClient(f"127.0.0.1:{s.grpc_port}")
+        try:
+            x = grpcaio.InferInput("x", [1, 4], "FP32")
+            x.set_data_from_numpy(np.ones((1, 4), np.float32))
+            tasks = [asyncio.create_task(client.infer("gdrain", [x])) for _ in range(8)]
+            deadline = time.monotonic() + 10
+            while await asyncio.to_thread(queued) < 8:  # all eight wait in the batcher
+                assert time.monotonic() < deadline, "the requests never queued"
+                await asyncio.sleep(0.02)
+            assert s.proc is not None
+            s.proc.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*tasks)
+        finally:
+            await client.close()
+        fresh = grpcaio.InferenceServerClient(f"127.0.0.1:{s.grpc_port}")
+        try:
+            await fresh.is_server_live(client_timeout=2)
+            refused = False
+        except Exception:
+            refused = True
+        finally:
+            await fresh.close()
+        return results, refused
+
+    results, refused_new = asyncio.run(scenario())
+    assert all(r.as_numpy("probs").shape == (1, 3) for r in results)
+    assert refused_new
     assert s.proc is not None
     assert s.proc.wait(timeout=30) == 0

@@ -39,8 +39,9 @@ def test_quickstart_curl_then_tritonclient(quick: Server, tmp_path: Path) -> Non
         assert out.returncode == 0 and '"error"' not in out.stdout, (cmd, out.stdout, out.stderr)
     assert '"model_name":"mlp"' in out.stdout.replace(" ", "")
 
-    code = next(b for b in _blocks("python") if "tritonclient" in b)
-    code = code.replace("127.0.0.1:8000", quick.url.removeprefix("http://"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.count("[[") == 1  # printed the probabilities array
+    for module, address in (("tritonclient.http", quick.url.removeprefix("http://")), ("tritonclient.grpc", None)):
+        code = next(b for b in _blocks("python") if module in b)
+        code = code.replace("127.0.0.1:8000", address) if address else code.replace("8001", str(quick.grpc_port))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("[[") == 1  # printed the probabilities array

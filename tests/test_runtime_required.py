@@ -36,6 +36,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
     )
 
 
+@pytest.mark.slow  # starts processes
 def test_serve_refuses_to_start_and_names_the_install_command(
     without_onnxruntime: dict[str, str], tmp_path: Path
 ) -> None:
@@ -50,6 +51,7 @@ def test_serve_refuses_to_start_and_names_the_install_command(
     assert not data.exists()  # refused before touching the store
 
 
+@pytest.mark.slow  # starts processes
 def test_worker_refuses_to_start_too(without_onnxruntime: dict[str, str], tmp_path: Path) -> None:
     env = {**without_onnxruntime, "SLIMSERVE_DATA_DIR": str(tmp_path / "data")}
     out = _run(["-m", "service.cli", "worker"], env, ROOT)
@@ -57,6 +59,7 @@ def test_worker_refuses_to_start_too(without_onnxruntime: dict[str, str], tmp_pa
     assert out.returncode == 2 and INSTALL in text and "Traceback" not in text, text
 
 
+@pytest.mark.slow  # starts processes
 def test_create_app_raises_a_setup_error(without_onnxruntime: dict[str, str], tmp_path: Path) -> None:
     code = (
         "from service.app import create_app\n"

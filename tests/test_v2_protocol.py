@@ -373,6 +373,9 @@ def test_metrics_exposed_per_variant(client: httpx.Client, models: None) -> None
     ):
         assert any(line.startswith(family) and labels in _sorted_labels(line) for line in text.splitlines()), family
     assert "slimserve_model_load_duration_seconds_count" in text
+    rest = [line for line in text.splitlines() if line.startswith("slimserve_requests_total") and "v2-mlp" in line]
+    assert rest and all('protocol="rest"' in line or 'protocol="grpc"' in line for line in rest)
+    assert any('protocol="rest"' in line and 'outcome="success"' in line and not line.endswith(" 0.0") for line in rest)
     assert 'outcome="success"' in text and 'outcome="client_error"' in text
     assert "slimserve_inflight_requests" in text and "slimserve_variant_size_bytes" in text
 
@@ -381,5 +384,5 @@ def _sorted_labels(line: str) -> str:
     if "{" not in line:
         return ""
     inner = line[line.index("{") + 1 : line.index("}")]
-    parts = sorted(p for p in inner.split(",") if not p.startswith("le="))
+    parts = sorted(p for p in inner.split(",") if not p.startswith(("le=", "protocol=")))
     return ",".join(parts)

@@ -132,19 +132,21 @@ def _variable(name: str, label: str, query: str) -> dict[str, Any]:
 
 def build() -> dict[str, Any]:
     err = 'outcome=~"server_error|timeout"'
+    by = "le, model, variant, protocol"
+    legend = "{{model}}:{{variant}} {{protocol}}"
     panels = [
         _row(1, "Latency", 0),
         _panel(
             2,
-            "Request latency p50 / p95 / p99 by variant",
+            "Request latency p50 / p95 / p99 by variant and protocol",
             [
-                _target(_quantile(0.5, "slimserve_request_duration_seconds"), "{{model}}:{{variant}} p50", "A"),
-                _target(_quantile(0.95, "slimserve_request_duration_seconds"), "{{model}}:{{variant}} p95", "B"),
-                _target(_quantile(0.99, "slimserve_request_duration_seconds"), "{{model}}:{{variant}} p99", "C"),
+                _target(_quantile(q, "slimserve_request_duration_seconds", by), f"{legend} p{int(q * 100)}", ref)
+                for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))
             ],
             (0, 1, 24, 9),
             unit="s",
-            description="Time inside the server from body received to response built, across replicas.",
+            description="Time inside the server from body received to response built, across replicas; REST and gRPC "
+            "apart (the protocol label).",
         ),
         _panel(
             3,
@@ -170,17 +172,17 @@ def build() -> dict[str, Any]:
         _row(5, "Traffic and errors", 18),
         _panel(
             6,
-            "Throughput by variant",
+            "Throughput by variant and protocol",
             [
                 _target(
-                    f"sum by (model, variant) (rate(slimserve_requests_total{{{SEL}}}[{RATE}]))",
-                    "{{model}}:{{variant}}",
+                    f"sum by (model, variant, protocol) (rate(slimserve_requests_total{{{SEL}}}[{RATE}]))",
+                    legend,
                     "A",
                 )
             ],
             (0, 19, 8, 8),
             unit="reqps",
-            description="Inference requests per second, every outcome.",
+            description="Inference requests per second, every outcome, REST and gRPC apart.",
         ),
         _panel(
             7,

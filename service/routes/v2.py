@@ -16,18 +16,15 @@ from starlette.types import Scope
 from service import __version__
 from service.auth import require_inference
 from service.errors import Unavailable
-from service.loaded import ServedVariant
 from service.routes.common import ctx_of, errors, read_body
 from service.traffic import VARIANT_HEADER, VARIANT_PARAM
-from service.triton_views import describe, triton_config
+from service.triton_views import EXTENSIONS, all_statistics, describe, statistics, triton_config
 from service.triton_views import model_metadata as metadata_view
 from service.v2codec import HEADER_LENGTH, decode_request, decompress, encode_response
 
 router = APIRouter(tags=["inference (KServe v2)"], dependencies=[Depends(require_inference)])
 #: health stays open: Kubernetes probes and load balancers carry no token
 health_router = APIRouter(tags=["health"])
-
-EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration", "schedule_policy"]
 
 
 # The infer routes come first: routes are matched in order and this is the hot path.
@@ -64,7 +61,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     ctx = ctx_of(request)
     plane = ctx.plane
     sv = await plane.resolve(model_name, model_version, request.headers)
-    t0 = plane.begin(sv)
+    t0 = plane.begin(sv, "rest")
     try:
         limit = ctx.settings.max_infer_body_bytes
         body = await read_body(request, limit)
@@ -76,7 +73,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             sv.input_index,
             sv.output_names,
             sv.max_batch_size,
-            ctx.settings.max_tensor_elements,
+            ctx.limits,
         )
         outputs = await plane.submit(sv, req.inputs, req.outputs, req.rows, req.timeout_us)
         order = req.outputs or [o.name for o in sv.outputs]
@@ -84,11 +81,11 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default, {VARIANT_PARAM: sv.variant}
         )
     except ClientDisconnect:
-        plane.abandon(sv)
+        plane.abandon(sv, "rest")
         raise  # counted and logged once as a client abort by the app's handler
     except BaseException as e:
-        raise plane.fail(sv, t0, e) from None
-    plane.succeed(sv, t0)
+        raise plane.fail(sv, "rest", t0, e) from None
+    plane.succeed(sv, "rest", t0)
     if header_len is None:
         return Response(payload, media_type="application/json", headers={VARIANT_HEADER: sv.variant})
     return Response(
@@ -116,25 +113,16 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "slimserve", "version": __version__, "extensions": EXTENSIONS}
 
 
-def _stats_entry(sv: ServedVariant, name: str) -> dict[str, Any]:
-    return {"name": name, "version": str(sv.version), **sv.stats.to_dict()}
-
-
 @router.get("/v2/models/stats", responses=errors(401))
 async def all_stats(request: Request) -> dict[str, Any]:
-    out = []
-    for ver in ctx_of(request).loaded.served_versions():
-        for vname, sv in ver.variants.items():
-            label = ver.model if vname == ver.default_variant else f"{ver.model}:{vname}"
-            out.append(_stats_entry(sv, label))
-    return {"model_stats": out}
+    return {"model_stats": all_statistics(ctx_of(request).loaded)}
 
 
 @router.get("/v2/models/{model_name}/stats", responses=errors(400, 401, 404, 503))
 @router.get("/v2/models/{model_name}/versions/{model_version}/stats", responses=errors(400, 401, 404, 503))
 async def model_stats(request: Request, model_name: str, model_version: str | None = None) -> dict[str, Any]:
     sv = await ctx_of(request).plane.resolve(model_name, model_version)
-    return {"model_stats": [_stats_entry(sv, model_name)]}
+    return {"model_stats": [statistics(sv, model_name)]}
 
 
 @router.get("/v2/models/{model_name}/ready", responses=errors(400, 401, 404, 503))

@@ -149,7 +149,8 @@ def test_final_image_contract(final: str) -> None:
     assert "SLIMSERVE_DATA_DIR=/var/lib/slimserve" in env
     assert "SLIMSERVE_HOST=0.0.0.0" in env
     assert "SLIMSERVE_PORT=8000" in env
-    assert last(st, "EXPOSE") == "8000"
+    assert last(st, "EXPOSE") == "8000 8001"  # HTTP and gRPC
+    assert "SLIMSERVE_GRPC_PORT=8001" in env
     argv = healthcheck_argv(st)
     assert argv[0] == "python" and "curl" not in " ".join(argv)
     assert "/v2/health/live" in argv[-1]

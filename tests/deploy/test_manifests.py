@@ -68,7 +68,8 @@ def with_digests(values: dict[str, Any]) -> dict[str, Any]:
 VARIANTS = {
     "default": {},
     "production": production_values(),
-    "single-port": {"ports": {"inference": 8000, "management": 8000, "metrics": 8000}},
+    "single-port": {"ports": {"inference": 8000, "management": 8000, "metrics": 8000, "grpc": 0}},
+    "grpc-probes": {"probes": {"handler": "grpc"}},
     "persistence-and-tokens": {
         "persistence": {"enabled": True},
         "auth": {"adminToken": "a" * 32, "inferenceToken": "i" * 32},
@@ -267,7 +268,10 @@ def test_probes_hit_the_health_routes(rendered: dict[str, list[dict[str, Any]]],
             ("livenessProbe", "/v2/health/live"),
             ("readinessProbe", "/v2/health/ready"),
         ]:
-            assert c[probe]["httpGet"] == {"path": path, "port": "inference"}
+            if variant == "grpc-probes":  # grpc.health.v1 answers as /v2/health/ready does
+                assert c[probe]["grpc"] == {"port": 8002, "service": ""}
+            else:
+                assert c[probe]["httpGet"] == {"path": path, "port": "inference"}
         assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
         assert "inference" in {p["name"] for p in c["ports"]}
         spec = d["spec"]["template"]["spec"]
@@ -372,7 +376,7 @@ def test_services_route_to_the_right_pods(prod: list[dict[str, Any]]) -> None:
     assert targets(f"{FULL}-metrics") == serving
     assert targets(f"{FULL}-inference-l4") == {f"{FULL}-serve-l4"}
     for name, number in [("inference", 8000), ("management", 8001), ("metrics", 9090)]:
-        (port,) = services[f"{FULL}-{name}"]["spec"]["ports"]
+        port = services[f"{FULL}-{name}"]["spec"]["ports"][0]  # inference also has grpc (test_ports_flow...)
         assert port["name"] == name
         assert port["port"] == number
     # the ServiceMonitor picks the metrics Service and its named port
@@ -391,8 +395,10 @@ def test_ports_flow_through_everything(rendered: dict[str, list[dict[str, Any]]]
         ("inference", 8000),
         ("management", 8001),
         ("metrics", 9090),
+        ("grpc", 8002),
     }
     cm = one(objs, "ConfigMap", f"{FULL}-config")["data"]
+    assert cm["SLIMSERVE_GRPC_PORT"] == "8002"
     assert (cm["SLIMSERVE_PORT"], cm["SLIMSERVE_MANAGEMENT_PORT"], cm["SLIMSERVE_METRICS_PORT"]) == (
         "8000",
         "8001",
@@ -402,8 +408,18 @@ def test_ports_flow_through_everything(rendered: dict[str, list[dict[str, Any]]]
     assert svc[f"{FULL}-inference"]["targetPort"] == 8000
     assert svc[f"{FULL}-management"]["targetPort"] == 8001
     assert svc[f"{FULL}-metrics"]["targetPort"] == 9090
+    inference = one(objs, "Service", f"{FULL}-inference")["spec"]["ports"]
+    assert inference[1] == {
+        "name": "grpc",
+        "port": 8002,
+        "targetPort": 8002,
+        "protocol": "TCP",
+        "appProtocol": "kubernetes.io/h2c",
+    }
     (np,) = find(objs, "NetworkPolicy")
     rules = {r["ports"][0]["port"]: r.get("from") for r in np["spec"]["ingress"]}
+    by_first = {r["ports"][0]["port"]: r["ports"] for r in np["spec"]["ingress"]}
+    assert {"protocol": "TCP", "port": 8002} in by_first[8000]  # gRPC takes inference's rule
     assert rules[8001] == [{"podSelector": {}}]
     assert rules[9090] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert rules[8000] == [{"namespaceSelector": {"matchLabels": {"slimserve.io/inference-client": "true"}}}]
@@ -416,6 +432,14 @@ def test_single_port_mode(rendered: dict[str, list[dict[str, Any]]]) -> None:
     cm = one(objs, "ConfigMap", f"{FULL}-config")["data"]
     assert "SLIMSERVE_MANAGEMENT_PORT" not in cm and "SLIMSERVE_METRICS_PORT" not in cm
     assert {s["spec"]["ports"][0]["targetPort"] for s in find(objs, "Service")} == {8000}
+
+
+def test_grpc_probes_where_asked(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    http = container(one(rendered["production"], "Deployment", f"{FULL}-api"))
+    assert http["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    c = container(one(rendered["grpc-probes"], "Deployment", f"{FULL}-api"))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["grpc"] == {"port": 8002, "service": ""} and "httpGet" not in c[probe]
 
 
 def test_network_policy_selects_every_pod_and_restricts_management(prod: list[dict[str, Any]]) -> None:

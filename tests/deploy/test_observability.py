@@ -286,9 +286,20 @@ def test_live_prometheus_answers_every_dashboard_query(server_factory: ServerFac
             x = rng.standard_normal((rows, 4)).astype(np.float32)
             shape = [rows, 4] if i >= 20 else [rows, 5]  # the first 20 are malformed
             data = x.ravel().tolist() if i >= 20 else [*x.ravel().tolist(), *([0.0] * rows)]
+            if i >= 20 and (i // 2) % 2:  # half the good ones (of each model) over gRPC: panels split by protocol
+                return grpc_infer(name, x)
             body = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": data}]}
             with httpx.Client(base_url=server.url, timeout=30) as client:
                 return client.post(f"/v2/models/{name}/infer", json=body).status_code
+
+        def grpc_infer(name: str, x: np.ndarray) -> int:
+            import tritonclient.grpc as grpcclient
+
+            with grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}") as client:
+                inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                client.infer(name, [inp])
+            return 200
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(infer, range(420)))
@@ -296,11 +307,12 @@ def test_live_prometheus_answers_every_dashboard_query(server_factory: ServerFac
         with httpx.Client(base_url=server.url, timeout=30) as client:  # some traffic for the int8 variant too
             body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.5, 1, 1.5, 2]}]}
             assert all(client.post("/v2/models/dash-mlp:int8/infer", json=body).status_code == 200 for _ in range(20))
+        assert all(grpc_infer("dash-mlp:int8", np.ones((1, 4), np.float32)) == 200 for _ in range(20))
         assert all(400 <= code < 500 for code in codes[:20]), codes[:20]
 
         # wait until Prometheus has scraped the last requests and evaluated the rules on them
         total = 'sum(slimserve_requests_total{model=~"dash-.*"})'
-        prom.wait_until(f"{total} >= 420")
+        prom.wait_until(f"{total} >= 460")
         prom.wait_until('sum(slimserve:requests:rate5m{model=~"dash-.*", outcome="client_error"}) > 0')
         prom.wait_until('sum(slimserve_shadow_rows_total{model="dash-mlp"}) > 0')
 

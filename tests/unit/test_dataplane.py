@@ -45,6 +45,7 @@ class Served:
 
     def sample(self, metric: str, sv: ServedVariant, **labels: str) -> float:
         base = dict(zip(("model", "version", "variant", "backend"), sv.metrics.labels, strict=True))
+        base["protocol"] = "rest"  # the request series carry the front end's protocol
         value = self.metrics.registry.get_sample_value(metric, {**base, **labels})
         return value or 0.0
 
@@ -66,12 +67,12 @@ def _infer(s: Served, sv: ServedVariant, x: np.ndarray) -> dict[str, np.ndarray]
     """One request through the plane as a front end drives it (begin, submit, succeed / fail)."""
 
     async def go() -> dict[str, np.ndarray]:
-        t0 = s.plane.begin(sv)
+        t0 = s.plane.begin(sv, "rest")
         try:
             out = await s.plane.submit(sv, {"x": x}, None, x.shape[0], None)
         except BaseException as e:
-            raise s.plane.fail(sv, t0, e) from None
-        s.plane.succeed(sv, t0)
+            raise s.plane.fail(sv, "rest", t0, e) from None
+        s.plane.succeed(sv, "rest", t0)
         return out
 
     return s.loop.run_until_complete(go())
@@ -134,9 +135,9 @@ def test_failures_are_classified_and_counted_once(
     served: Served, caplog: pytest.LogCaptureFixture, raised: Exception, status: int, outcome: str
 ) -> None:
     sv = served.resolve("mlp", None)
-    t0 = served.plane.begin(sv)
+    t0 = served.plane.begin(sv, "rest")
     with caplog.at_level(logging.INFO, logger="slimserve.inference"):
-        err = served.plane.fail(sv, t0, raised)
+        err = served.plane.fail(sv, "rest", t0, raised)
     assert isinstance(err, ApiError) and err.status == status
     outcomes = ("success", "client_error", "server_error", "rejected", "timeout")
     counts = {o: served.sample("slimserve_requests_total", sv, outcome=o) for o in outcomes}
@@ -154,23 +155,23 @@ def test_failures_are_classified_and_counted_once(
 
 def test_an_unexpected_exception_becomes_a_one_line_500(served: Served) -> None:
     sv = served.resolve("mlp", None)
-    err = served.plane.fail(sv, served.plane.begin(sv), KeyError("probs"))
+    err = served.plane.fail(sv, "rest", served.plane.begin(sv, "rest"), KeyError("probs"))
     assert isinstance(err, InternalError) and err.message == "internal error: KeyError: 'probs'"
 
 
 def test_cancellation_passes_through_uncounted(served: Served) -> None:
     sv = served.resolve("mlp", None)
     cancel = asyncio.CancelledError()
-    assert served.plane.fail(sv, served.plane.begin(sv), cancel) is cancel
+    assert served.plane.fail(sv, "rest", served.plane.begin(sv, "rest"), cancel) is cancel
     assert served.sample("slimserve_inflight_requests", sv) == 0
     assert served.sample("slimserve_request_duration_seconds_count", sv) == 0
 
 
 def test_an_abandoned_request_releases_inflight_without_an_outcome(served: Served) -> None:
     sv = served.resolve("mlp", None)
-    served.plane.begin(sv)
+    served.plane.begin(sv, "rest")
     assert served.sample("slimserve_inflight_requests", sv) == 1
-    served.plane.abandon(sv)
+    served.plane.abandon(sv, "rest")
     assert served.sample("slimserve_inflight_requests", sv) == 0
     assert sum(served.sample("slimserve_requests_total", sv, outcome=o) for o in ("success", "client_error")) == 0
 

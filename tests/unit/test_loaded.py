@@ -310,12 +310,12 @@ def test_install_after_a_sync_loaded_the_same_version_keeps_the_live_variant(
         await lv.install(record, {"original": uploaded})  # then the upload installs
         served = await lv.resolve("race")
         assert served is synced  # one live variant; the upload's duplicate was unloaded
-        served.metrics.request.observe(0.01)
-        served.metrics.ok.inc()
+        served.metrics.by_protocol["rest"].request.observe(0.01)
+        served.metrics.by_protocol["rest"].ok.inc()
         labels = ("race", "1", "original", "onnxruntime-cpu")
         assert served.metrics.labels == labels
-        assert _sample(lv.metrics, "slimserve_request_duration_seconds_count", labels) == 1.0
-        assert _sample(lv.metrics, "slimserve_requests_total", labels, outcome="success") == 1.0
+        assert _sample(lv.metrics, "slimserve_request_duration_seconds_count", labels, protocol="rest") == 1.0
+        assert _sample(lv.metrics, "slimserve_requests_total", labels, protocol="rest", outcome="success") == 1.0
         assert _sample(lv.metrics, "slimserve_variant_ready", labels) == 1.0
         assert 'model="race"' in generate_latest(lv.metrics.registry).decode()
         await lv.close()

@@ -24,7 +24,7 @@ from backends import Backend, BackendError, BackendOptions, InvalidInput, Tensor
 from service.errors import BadRequest, InternalError, Unavailable
 from service.metrics import Metrics
 from service.scheduler import QueueFull, QueueTimeout, Scheduler, SchedulerConfig, Stats
-from tests.onnx_models import dynamic_identity, mlp, mlp_reference
+from tests.onnx_models import dynamic_identity, mlp, mlp_reference, string_join
 
 DEADLINE_S = 30.0
 
@@ -152,6 +152,33 @@ def test_requests_queued_behind_a_busy_instance_form_one_batch_and_split_back() 
             np.testing.assert_allclose(out["probs"], mlp_reference(_x(rows, seed)), rtol=1e-5)
         assert s.stats.execution_count == 2 and s.stats.inference_count == 7
         assert sorted(s.stats.batch) == [1, 6]
+    finally:
+        s.stop()
+
+
+def test_string_requests_batch_and_split_back() -> None:
+    """BYTES (ONNX string) inputs are object arrays: they merge along the batch dimension and split back."""
+    gated = Gated(load_backend("onnxruntime-cpu", string_join(), BackendOptions(intra_op_threads=1)))
+    s = _scheduler([gated])
+
+    def req(*words: str) -> dict[str, np.ndarray]:
+        a = np.array([[w] for w in words], dtype=object)
+        return {"a": a, "b": np.array([[w.upper()] for w in words], dtype=object)}
+
+    async def go() -> list[dict[str, np.ndarray]]:
+        gated.hold()
+        first = s.submit(req("x"), None, 1)
+        await _until(gated.entered.is_set, "the first request to occupy the instance")
+        rest = [s.submit(req(*words), None, len(words)) for words in (["é", "b"], ["", "c", "dd"])]
+        await _until(lambda: _queued(s) == 2, "two queued requests")
+        gated.gate.set()
+        return [await first, *[await f for f in rest]]
+
+    try:
+        outs = _run(go)
+        assert gated.batches == [1, 5]
+        for out, words in zip(outs, (["x"], ["é", "b"], ["", "c", "dd"]), strict=True):
+            assert out["joined"].tolist() == [[w, w.upper()] for w in words]
     finally:
         s.stop()
 

@@ -12,6 +12,7 @@ import pytest
 
 from backends import TensorSpec
 from service.errors import BadRequest, InternalError, PayloadTooLarge
+from service.tensors import TensorLimits, join_length_prefixed
 from service.v2codec import FLOAT_LIMITS, INT_RANGES, decode_request, decompress, encode_response
 
 NP = {
@@ -297,7 +298,7 @@ def test_batch_rules() -> None:
 
 def test_element_cap() -> None:
     with pytest.raises(BadRequest, match="over the limit"):
-        decode_request(_json([0.0] * 8, shape=[2, 4]), None, _spec(), OUTPUTS, 8, max_elements=4)
+        decode_request(_json([0.0] * 8, shape=[2, 4]), None, _spec(), OUTPUTS, 8, TensorLimits(max_elements=4))
 
 
 def test_requested_outputs_and_binary_flags() -> None:
@@ -348,5 +349,50 @@ def test_encode_fp16_as_json_numbers() -> None:
 
 def test_an_output_the_protocol_cannot_carry_is_a_server_error() -> None:
     with pytest.raises(InternalError) as e:
-        encode_response("m", 1, None, {"y": np.array(["a"], dtype=object)}, ["y"], {}, False)
+        encode_response("m", 1, None, {"y": np.array([1j], dtype=np.complex64)}, ["y"], {}, False)
     assert e.value.status == 500 and "'y'" in e.value.message
+
+
+# -- BYTES -------------------------------------------------------------------------------------------------------
+
+_STR = {"s": TensorSpec("s", "BYTES", (-1, 2))}
+
+
+def _bytes_req(item: dict[str, object], binary: bytes = b"", limits: TensorLimits | None = None):  # type: ignore[no-untyped-def]
+    header = json.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1, 2], **item}]}).encode()
+    hl = str(len(header)) if binary else None
+    return decode_request(header + binary, hl, _STR, OUTPUTS, 4, limits or TensorLimits())
+
+
+def test_bytes_json_strings_and_binary_decode_alike() -> None:
+    a = _bytes_req({"data": ["héllo", ""]}).inputs["s"]
+    raw = join_length_prefixed(["héllo".encode(), b""])
+    b = _bytes_req({"parameters": {"binary_data_size": len(raw)}}, raw).inputs["s"]
+    assert a.dtype == object and a.tolist() == b.tolist() == [["héllo", ""]]
+
+
+@pytest.mark.parametrize(
+    ("item", "binary", "limits", "match"),
+    [
+        ({"data": ["a", 1]}, b"", None, "JSON strings"),
+        ({"data": ["a"]}, b"", None, "needs 2"),
+        ({"data": ["abcd", "a"]}, b"", TensorLimits(max_bytes_element_len=3), "over the limit of 3"),
+        ({"data": ["a", "b"]}, b"", TensorLimits(max_bytes_elements=1), "over the limit of 1"),
+        ({"parameters": {"binary_data_size": 6}}, b"\x05\0\0\0ab", None, "runs past the end"),
+        ({"parameters": {"binary_data_size": 3}}, b"\x00\0\0", None, "inside an element"),
+        ({"parameters": {"binary_data_size": 9}}, b"\x01\0\0\0\xff\0\0\0\0", None, "not UTF-8"),
+        ({"parameters": {"binary_data_size": 4}}, b"\x00\0\0\0", None, "shape needs 2"),
+    ],
+)
+def test_bad_bytes_inputs_are_400(item, binary, limits, match) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(BadRequest, match=match):
+        _bytes_req(item, binary, limits)
+
+
+def test_encode_bytes_as_json_strings_or_length_prefixed() -> None:
+    y = np.array([["a", "bé"]], dtype=object)
+    body, hlen = encode_response("m", 1, None, {"y": y}, ["y"], {}, False)
+    out = json.loads(body)["outputs"][0]
+    assert hlen is None and out["datatype"] == "BYTES" and out["data"] == ["a", "bé"]
+    body, hlen = encode_response("m", 1, None, {"y": y}, ["y"], {"y": True}, False)
+    assert hlen is not None and body[hlen:] == join_length_prefixed([b"a", "bé".encode()])

@@ -78,9 +78,15 @@ app.kubernetes.io/part-of: slimserve
 
 {{/* A probe on a health path; the health routes answer on every port and need no token */}}
 {{- define "slimserve.probeHandler" -}}
+{{- if and (eq .root.Values.probes.handler "grpc") (gt (int .root.Values.ports.grpc) 0) }}
+grpc:
+  port: {{ .root.Values.ports.grpc }}
+  service: ""
+{{- else }}
 httpGet:
-  path: {{ . }}
+  path: {{ .path }}
   port: inference
+{{- end }}
 {{- end }}
 
 {{/* Container ports: one per distinct number */}}
@@ -96,6 +102,11 @@ httpGet:
 {{- if and (ne (int .Values.ports.metrics) (int .Values.ports.inference)) (ne (int .Values.ports.metrics) (int .Values.ports.management)) }}
 - name: metrics
   containerPort: {{ .Values.ports.metrics }}
+  protocol: TCP
+{{- end }}
+{{- if gt (int .Values.ports.grpc) 0 }}
+- name: grpc
+  containerPort: {{ .Values.ports.grpc }}
   protocol: TCP
 {{- end }}
 {{- end }}

@@ -75,13 +75,13 @@ spec:
       ports:
         {{- include "slimserve.containerPorts" $root | nindent 8 }}
       startupProbe:
-        {{- include "slimserve.probeHandler" "/v2/health/live" | nindent 8 }}
+        {{- include "slimserve.probeHandler" (dict "root" $root "path" "/v2/health/live") | nindent 8 }}
         {{- toYaml $root.Values.probes.startup | nindent 8 }}
       livenessProbe:
-        {{- include "slimserve.probeHandler" "/v2/health/live" | nindent 8 }}
+        {{- include "slimserve.probeHandler" (dict "root" $root "path" "/v2/health/live") | nindent 8 }}
         {{- toYaml $root.Values.probes.liveness | nindent 8 }}
       readinessProbe:
-        {{- include "slimserve.probeHandler" "/v2/health/ready" | nindent 8 }}
+        {{- include "slimserve.probeHandler" (dict "root" $root "path" "/v2/health/ready") | nindent 8 }}
         {{- toYaml $root.Values.probes.readiness | nindent 8 }}
       {{- end }}
       {{- if .preStopSleepSeconds }}

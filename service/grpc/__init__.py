@@ -1,0 +1,1 @@
+"""The gRPC front end of the data plane: Triton's GRPCInferenceService (see protos/README.md)."""

@@ -1,0 +1,288 @@
+"""Triton's ``inference.GRPCInferenceService`` on the one data plane (service/dataplane.py).
+
+Every RPC does what its REST route does, through the same shared code: DataPlane for inference, triton_views for
+metadata, configuration and statistics, service/repository.py for the repository extension, service/auth.py for
+tokens (read from the ``authorization`` call metadata; the repository RPCs need the admin token). Errors leave as
+the ``ApiError`` the shared code raised, mapped to a gRPC status by ``STATUS`` (Triton's mapping). The
+shared-memory, trace and log RPCs are not implemented (UNIMPLEMENTED, from the generated base class).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+
+from service import __version__, repository
+from service.auth import check_admin, check_inference
+from service.context import AppContext
+from service.errors import ApiError, BadRequest, NotFound, Unavailable
+from service.grpc._generated import grpc_service_pb2 as pb
+from service.grpc._generated import grpc_service_pb2_grpc as pb_grpc
+from service.grpc._generated import model_config_pb2
+from service.grpc.codec import decode_request, encode_response
+from service.triton_views import EXTENSIONS, all_statistics, describe, model_metadata, statistics, triton_config
+
+log = logging.getLogger("slimserve.grpc")
+PROTOCOL = "grpc"
+
+#: ApiError status -> gRPC status, as Triton maps its errors (the one table; 5xx other than 503 is INTERNAL)
+STATUS: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def grpc_status(err: ApiError) -> grpc.StatusCode:
+    return STATUS.get(err.status, grpc.StatusCode.INTERNAL)
+
+
+class Malformed:
+    """What a request that does not parse as its protobuf message becomes (see ``register``): the handler answers
+    INVALID_ARGUMENT with the parser's reason. grpcio itself would answer INTERNAL, blaming the server."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return Malformed(f"the request is not a valid protobuf message: {e}")
+
+    return deserialize
+
+
+class _Registrar:
+    """Stands in for the server while the generated code registers the service's handlers, and registers them
+    with request deserializers that turn a malformed message into ``Malformed`` instead of failing."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # registered below, from the same handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        lenient = {
+            name: h._replace(request_deserializer=_lenient(h.request_deserializer))  # type: ignore[attr-defined]
+            for name, h in handlers.items()
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
+        self.server.add_registered_method_handlers(service, lenient)
+
+
+def register(servicer: InferenceService, server: grpc.aio.Server) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Registrar(server))
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise BadRequest(request.reason)
+    return request
+
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode("latin-1")
+    return ""
+
+
+def rpc(admin: bool = False) -> Callable[[Handler[R]], Handler[R]]:
+    """Checks the caller's token, and turns an ``ApiError`` (or an unexpected error: INTERNAL, logged) into the
+    call's status with the error's message."""
+
+    def wrap(fn: Handler[R]) -> Handler[R]:
+        @functools.wraps(fn)
+        async def handler(self: InferenceService, request: Any, context: grpc.aio.ServicerContext) -> R:
+            try:
+                self.authorize(context, admin)
+                return await fn(self, _parsed(request), context)
+            except ApiError as e:
+                await context.abort(grpc_status(e), e.message)
+            except Exception as e:
+                if isinstance(e, grpc.aio.AbortError):
+                    raise
+                log.exception("unhandled error in %s", fn.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
+            raise AssertionError("unreachable: abort raises")
+
+        return handler
+
+    return wrap
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def authorize(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
+        header = _metadata(context, "authorization")
+        if admin:
+            check_admin(self.ctx.settings, header)
+        else:
+            check_inference(self.ctx.settings, header)
+
+    # -- health and metadata (open, as the REST health routes: probes carry no token) -------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        ctx = self.ctx
+        return pb.ServerReadyResponse(ready=ctx.loaded.synced_once and not ctx.shutting_down)
+
+    @rpc()
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        """Ready or not, as Triton answers: an unknown or unservable model is not ready (not an error)."""
+        try:
+            await self.ctx.plane.resolve(request.name, request.version or None)
+        except (NotFound, Unavailable):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @rpc()
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="slimserve", version=__version__, extensions=EXTENSIONS)
+
+    @rpc()
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        sv = await self.ctx.plane.resolve(request.name, request.version or None)
+        view = model_metadata(describe(sv), request.name, self.ctx.loaded.versions_of(sv.model))
+        return json_format.ParseDict(view, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
+
+    @rpc()
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        sv = await self.ctx.plane.resolve(request.name, request.version or None)
+        config = json_format.ParseDict(triton_config(describe(sv), request.name), model_config_pb2.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
+    @rpc()
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        if request.name:
+            sv = await self.ctx.plane.resolve(request.name, request.version or None)
+            entries = [statistics(sv, request.name)]
+        else:
+            entries = all_statistics(self.ctx.loaded)
+        return json_format.ParseDict({"model_stats": entries}, pb.ModelStatisticsResponse())
+
+    # -- repository (admin) -----------------------------------------------------------------------------------
+
+    @rpc(admin=True)
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        entries = await repository.index(self.ctx)
+        if request.ready:
+            entries = [e for e in entries if e["state"] == "READY"]
+        return json_format.ParseDict({"models": entries}, pb.RepositoryIndexResponse())
+
+    @rpc(admin=True)
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await repository.set_loaded(self.ctx, request.model_name, True)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc(admin=True)
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await repository.set_loaded(self.ctx, request.model_name, False)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- inference ----------------------------------------------------------------------------------------------
+
+    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """The gRPC front end of the data plane: only the protobuf codec is specific to it."""
+        plane = self.ctx.plane
+        sv = await plane.resolve(request.model_name, request.model_version or None)
+        t0 = plane.begin(sv, PROTOCOL)
+        try:
+            req = decode_request(request, sv.input_index, sv.output_names, sv.max_batch_size, self.ctx.limits)
+            outputs = await plane.submit(sv, req.inputs, req.outputs, req.rows, req.timeout_us)
+            order = list(req.outputs) if req.outputs else [o.name for o in sv.outputs]
+            response = encode_response(request.model_name, sv.version, req.id, outputs, order)
+        except asyncio.CancelledError:  # the client cancelled the call or went away
+            plane.abandon(sv, PROTOCOL)
+            raise
+        except BaseException as e:
+            raise plane.fail(sv, PROTOCOL, t0, e) from None
+        plane.succeed(sv, PROTOCOL, t0)
+        return response
+
+    @rpc()
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        return await self.infer(request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Bidirectional: requests are answered as they complete (each response carries its request's id); a failed
+        request answers with its ``error_message`` and the stream goes on, as in Triton."""
+        try:
+            self.authorize(context, admin=False)
+        except ApiError as e:
+            await context.abort(grpc_status(e), e.message)
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest | Malformed) -> None:
+            try:
+                response = await self.infer(_parsed(request))
+            except ApiError as e:
+                echo = _echo(request) if isinstance(request, pb.ModelInferRequest) else None
+                await answers.put(pb.ModelStreamInferResponse(error_message=e.message, infer_response=echo))
+            else:
+                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running, return_exceptions=True)
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+def _echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """What a failed stream request's error carries, so the client can match it (Triton sends the id back)."""
+    return pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
