@@ -10,8 +10,8 @@ from service.loaded import LoadedVariants
 from service.metrics import Metrics
 from service.promotion import Decider
 from service.settings import Settings
-from service.tensors import TensorLimits
 from service.shadow import ShadowMirror, TrafficMetrics
+from service.tensors import TensorLimits
 from service.traffic import TrafficRouter
 
 

@@ -330,3 +330,27 @@ def test_cli_sets_shows_lists_and_clears(server_factory: ServerFactory) -> None:
     assert cli("decisions", "clitraffic", "1").returncode == 0
     assert cli("clear", "clitraffic", "1").returncode == 0
     assert cli("show", "clitraffic", "1").returncode == 1
+
+
+def test_grpc_follows_the_split_and_names_the_variant(server_factory: ServerFactory) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+    s = server_factory(**FAST)
+    with s.client() as c:
+        assert upload(c, "gsplit", mlp()).status_code == 201
+        add_local_variant(s, "gsplit", "alt", mlp(seed=3))
+        wait_ready(c, "gsplit", {"original", "alt"})
+        policy = {"split": {"original": 0.5, "alt": 0.5}, "sticky": "x-user"}
+        assert c.put("/v1/models/gsplit/versions/1/traffic", json=policy).status_code == 200
+        x = np.ones((1, 4), np.float32)
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{s.grpc_port}")
+        try:
+            for i in range(20):
+                key = f"user-{i}"
+                rest = c.post("/v2/models/gsplit/infer", json=body(x), headers={"x-user": key})
+                inp = grpcclient.InferInput("x", [1, 4], "FP32")
+                inp.set_data_from_numpy(x)
+                result = client.infer("gsplit", [inp], headers={"x-user": key})
+                served = result.get_response().parameters["slimserve_variant"].string_param
+                assert served == rest.headers["x-slimserve-variant"], key  # one key, one variant, either protocol
+        finally:
+            client.close()
