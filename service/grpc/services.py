@@ -241,7 +241,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self.infer(request, _metadata(context))
+        return await self.infer(request, _call_metadata(context))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -252,7 +252,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self.authorize(context, admin=False)
         except ApiError as e:
             await context.abort(grpc_status(e), e.message)
-        metadata = _metadata(context)
+        metadata = _call_metadata(context)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
@@ -294,7 +294,7 @@ def _echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
     return pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
 
 
-def _metadata(context: Any) -> dict[str, str]:
+def _call_metadata(context: Any) -> dict[str, str]:
     """The call's text metadata, keys lower-case (gRPC sends them so): a traffic policy's sticky key is read here."""
     out: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
