@@ -58,6 +58,17 @@ def wait_decisions(c: httpx.Client, model: str, timeout: float = 60) -> list[dic
     raise AssertionError("no decision was taken")
 
 
+def wait_applied(c: httpx.Client, model: str, timeout: float = 30) -> dict[str, Any]:
+    """The policy once this replica applies its current window (after a decision, its refresh follows the commit)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = c.get(f"/v1/models/{model}/versions/1/traffic").json()
+        if "this_replica" in got:
+            return got
+        assert time.monotonic() < deadline, f"the policy of {model} was not applied: {got}"
+        time.sleep(0.05)
+
+
 def metric(text: str, name: str, **labels: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -171,7 +182,7 @@ def test_corrupted_candidate_is_shadowed_measured_and_rolled_back(server_factory
         assert d["variant"] == "noisy" and d["primary"] == "original" and not d["dry_run"]
         assert d["numbers"]["compared_rows"] >= 60 and d["numbers"]["agreement"] < 0.95
         assert "agreement" in d["reason"]
-        after = c.get("/v1/models/shadowed/versions/1/traffic").json()["policy"]
+        after = wait_applied(c, "shadowed")["policy"]
         assert after["shadow"] == {} and after["split"] == {"original": 1.0}
         version = c.get("/v1/models/shadowed/versions/1").json()
         assert version["default_variant"] == "original"  # never promoted
@@ -220,6 +231,7 @@ def test_faithful_faster_candidate_is_promoted_after_a_dry_run(server_factory: S
         assert n["agreement"] == 1.0 and n["max_abs_error"] == 0.0
         assert n["candidate_p99_s"] <= 0.5 * n["primary_p99_s"]
         assert c.get("/v1/models/promo/versions/1").json()["default_variant"] == "original"  # dry run: unchanged
+        wait_applied(c, "promo")
         assert (
             c.post("/v2/models/promo/infer", json=body(np.ones((1, 4), np.float32))).headers["x-slimserve-variant"]
             == "original"
@@ -236,7 +248,7 @@ def test_faithful_faster_candidate_is_promoted_after_a_dry_run(server_factory: S
             time.sleep(0.1)
         assert [d["action"] for d in decisions][:1] == ["promote"] and decisions[0]["variant"] == "lean"
         assert c.get("/v1/models/promo/versions/1").json()["default_variant"] == "lean"
-        assert c.get("/v1/models/promo/versions/1/traffic").json()["policy"]["split"] == {"lean": 1.0}
+        assert wait_applied(c, "promo")["policy"]["split"] == {"lean": 1.0}
         r = c.post("/v2/models/promo/infer", json=body(np.ones((1, 4), np.float32)))
         assert r.headers["x-slimserve-variant"] == "lean"
 
