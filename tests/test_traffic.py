@@ -193,7 +193,9 @@ def test_corrupted_candidate_is_shadowed_measured_and_rolled_back(server_factory
         agree = metric(text, "slimserve_shadow_top1_agree_total", **labels)
         assert rows and rows >= 60 and agree is not None and agree / rows < 0.95
         assert metric(text, "slimserve_shadow_candidate_duration_seconds_count", **labels) >= 15
-        assert metric(text, "slimserve_shadow_max_abs_error_count", **labels) >= 15
+        compared = metric(text, "slimserve_shadow_requests_total", outcome="compared", **labels) or 0.0
+        # one observation per comparison: requests that finish within the mirror's gathering time are compared together
+        assert 1 <= (metric(text, "slimserve_shadow_max_abs_error_count", **labels) or 0) <= compared
         assert metric(text, "slimserve_traffic_decisions_total", variant="noisy", action="rollback") == 1.0
         # nothing more is mirrored to it
         before = metric(text, "slimserve_shadow_requests_total", outcome="compared", **labels)
