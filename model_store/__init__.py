@@ -15,6 +15,7 @@ from model_store.records import (
     VersionRecord,
 )
 from model_store.store import ModelStore, open_store
+from model_store.traffic import DecisionRecord, NewDecision, TrafficCatalog, TrafficPolicyRecord
 from model_store.trials import Claim, TrialRecord, TrialStore
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Catalog",
     "Claim",
     "Database",
+    "DecisionRecord",
     "EngineCatalog",
     "EngineRecord",
     "JobQueue",
@@ -30,10 +32,13 @@ __all__ = [
     "LocalBlobStore",
     "ModelRecord",
     "ModelStore",
+    "NewDecision",
     "NewVariant",
     "QueueFull",
     "RecordConflict",
     "RecordNotFound",
+    "TrafficCatalog",
+    "TrafficPolicyRecord",
     "TrialRecord",
     "TrialStore",
     "VariantRecord",

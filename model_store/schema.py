@@ -138,6 +138,49 @@ class TimingCacheRow(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
+class TrafficPolicyRow(Base):
+    """A version's traffic policy (split, shadow, promotion rules), as JSON the service validates.
+
+    ``epoch`` numbers the window that live statistics are counted in: every policy change and every decision
+    moves it, with a compare-and-set (``TrafficCatalog.decide``), so a decision is taken once across replicas."""
+
+    __tablename__ = "traffic_policies"
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True)
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    epoch: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class TrafficStatsRow(Base):
+    """One replica's live counters for one version's current window (it rewrites the row; readers sum them)."""
+
+    __tablename__ = "traffic_stats"
+    __table_args__ = (UniqueConstraint("version_id", "replica", "epoch", name="uq_traffic_stats"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), nullable=False)
+    replica: Mapped[str] = mapped_column(String(64), nullable=False)
+    epoch: Mapped[int] = mapped_column(Integer, nullable=False)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class TrafficDecisionRow(Base):
+    """A promotion or rollback (or, in dry-run, what would have been done), with the numbers it was taken on."""
+
+    __tablename__ = "traffic_decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), nullable=False, index=True)
+    action: Mapped[str] = mapped_column(String(32), nullable=False)
+    variant: Mapped[str] = mapped_column(String(64), nullable=False)
+    primary_variant: Mapped[str] = mapped_column(String(64), nullable=False)
+    dry_run: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    reason: Mapped[str] = mapped_column(String(1000), nullable=False)
+    numbers: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    epoch: Mapped[int] = mapped_column(Integer, nullable=False)
+    replica: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class TrialRow(Base):
     """One trial of an optimize job: a chain of passes with its knobs, the artifact it made and what it measured.
 

@@ -11,6 +11,7 @@ from model_store.blobs import BlobStore, LocalBlobStore
 from model_store.catalog import Catalog
 from model_store.engines import EngineCatalog
 from model_store.jobs import JobQueue
+from model_store.traffic import TrafficCatalog
 from model_store.trials import TrialStore
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class ModelStore:
         self.catalog = catalog
         self.jobs = JobQueue(catalog.db)
         self.engines = EngineCatalog(catalog.db)
+        self.traffic = TrafficCatalog(catalog.db)
         self.trials = TrialStore(catalog.db)
 
     def collect(self, grace_seconds: float = 300.0) -> GcReport:

@@ -46,6 +46,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         await ctx.loaded.sync(force=True)
         settle_heap()  # the imports and whatever the first sync loaded (loaded.py settles after later loads)
+        await ctx.traffic.refresh()
+        ctx.traffic.mirror.start()
+        decider = asyncio.create_task(ctx.decider.run())
         syncer = asyncio.create_task(_sync_loop(ctx))
         grpc_listener = None
         if settings.grpc_port:  # imported here: a server with gRPC off never loads grpcio
@@ -62,9 +65,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if grpc_listener is not None:
                 await grpc_listener.close()
             await workers.stop()
-            syncer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await syncer
+            for task in (syncer, decider):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await ctx.traffic.mirror.stop()
             await ctx.loaded.close()
             ctx.store.close()
 
@@ -114,12 +119,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
-    from service.routes import engines, jobs, management, metrics, repository, v2
+    from service.routes import engines, jobs, management, metrics, repository, traffic, v2
 
     app.include_router(v2.router)  # first: the infer routes are matched before anything else
     app.include_router(v2.health_router)
     app.include_router(repository.router)
     app.include_router(management.router)
+    app.include_router(traffic.router)
     app.include_router(jobs.router)
     app.include_router(engines.router)
     app.include_router(metrics.router)
@@ -148,5 +154,6 @@ async def _sync_loop(ctx: AppContext) -> None:
         wake.clear()
         try:
             await ctx.loaded.sync()
+            await ctx.traffic.refresh()  # policies ride on the same revision: hang the taps on what is served
         except Exception:
             log.exception("catalogue sync failed; retrying")

@@ -212,6 +212,83 @@ def compress(
         console.print(f"default variant: [bold]{job['result']['default_variant']}[/bold]")
 
 
+traffic_app = typer.Typer(
+    help="Traffic policies: canary splits, shadow traffic, promotion rules.", no_args_is_help=True
+)
+app.add_typer(traffic_app, name="traffic")
+
+
+def _weights(text: str, what: str) -> dict[str, float]:
+    """``a=0.9,b=0.1`` -> {"a": 0.9, "b": 0.1} (the server validates the numbers)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise typer.BadParameter(f"{what}: expected variant=number, got {part!r}")
+    return out
+
+
+@traffic_app.command(name="set")
+def traffic_set(
+    name: str,
+    version: int,
+    split: Annotated[str, typer.Option(help="weights of the plain name's traffic: original=0.9,int8=0.1")],
+    shadow: Annotated[str, typer.Option(help="fractions mirrored to candidates: int8=1.0")] = "",
+    sticky: Annotated[str | None, typer.Option(help="header to hash for sticky routing, or request-id")] = None,
+    rules: Annotated[str | None, typer.Option(help='promotion rules as JSON: {"min_samples": 500, ...}')] = None,
+    dry_run: Annotated[bool, typer.Option(help="record what the rules would do, change nothing")] = False,
+    server: ServerOpt = "http://127.0.0.1:8000",
+) -> None:
+    """Set a version's traffic policy."""
+    policy: dict[str, object] = {"split": _weights(split, "--split"), "shadow": _weights(shadow, "--shadow")}
+    if sticky:
+        policy["sticky"] = sticky
+    if rules or dry_run:
+        try:
+            parsed = json.loads(rules) if rules else {}
+        except json.JSONDecodeError as e:
+            raise typer.BadParameter(f"--rules is not JSON: {e}") from None
+        policy["rules"] = {**parsed, **({"dry_run": True} if dry_run else {})}
+    with _client(server) as c:
+        r = c.put(f"/v1/models/{name}/versions/{version}/traffic", json=policy)
+    _fail(r)
+    console.print_json(json.dumps(r.json()))
+
+
+@traffic_app.command(name="show")
+def traffic_show(name: str, version: int, server: ServerOpt = "http://127.0.0.1:8000") -> None:
+    """Print a version's traffic policy and this replica's live counters."""
+    with _client(server) as c:
+        r = c.get(f"/v1/models/{name}/versions/{version}/traffic")
+    _fail(r)
+    console.print_json(json.dumps(r.json()))
+
+
+@traffic_app.command(name="clear")
+def traffic_clear(name: str, version: int, server: ServerOpt = "http://127.0.0.1:8000") -> None:
+    """Remove a version's traffic policy (its default variant serves every request)."""
+    with _client(server) as c:
+        r = c.delete(f"/v1/models/{name}/versions/{version}/traffic")
+    _fail(r)
+    console.print(f"traffic policy of {name} version {version} removed")
+
+
+@traffic_app.command(name="decisions")
+def traffic_decisions(name: str, version: int, server: ServerOpt = "http://127.0.0.1:8000") -> None:
+    """Promotions and rollbacks taken by the rules, newest first."""
+    with _client(server) as c:
+        r = c.get(f"/v1/models/{name}/versions/{version}/traffic/decisions")
+    _fail(r)
+    table = Table("when", "action", "variant", "primary", "reason", "replica")
+    for d in r.json()["decisions"]:
+        table.add_row(d["created_at"], d["action"], d["variant"], d["primary"], escape(d["reason"]), d["replica"])
+    console.print(table)
+
+
 def _start_job(c: httpx.Client, url: str, spec: dict[str, object], calibration: Path | None) -> dict:
     """POST a job (JSON, or multipart with a calibration .npz) and return it."""
     if calibration:

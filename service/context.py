@@ -8,8 +8,11 @@ from model_store import ModelStore
 from service.dataplane import DataPlane
 from service.loaded import LoadedVariants
 from service.metrics import Metrics
+from service.promotion import Decider
 from service.settings import Settings
+from service.shadow import ShadowMirror, TrafficMetrics
 from service.tensors import TensorLimits
+from service.traffic import TrafficRouter
 
 
 @dataclass
@@ -20,6 +23,8 @@ class AppContext:
     loaded: LoadedVariants
     plane: DataPlane
     limits: TensorLimits
+    traffic: TrafficRouter
+    decider: Decider
     shutting_down: bool = False
     background: set[object] = field(default_factory=set)
 
@@ -29,4 +34,8 @@ class AppContext:
         store = settings.open_store()
         metrics = Metrics()
         loaded = LoadedVariants(settings, store, metrics)
-        return cls(settings, store, metrics, loaded, DataPlane(loaded), settings.tensor_limits)
+        traffic_metrics = TrafficMetrics(metrics.registry)
+        mirror = ShadowMirror(loaded, traffic_metrics, settings.shadow_queue_size)
+        traffic = TrafficRouter(loaded, mirror)
+        decider = Decider(store.traffic, loaded, traffic, traffic_metrics, settings.traffic_interval_s)
+        return cls(settings, store, metrics, loaded, DataPlane(loaded), settings.tensor_limits, traffic, decider)

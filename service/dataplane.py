@@ -3,14 +3,15 @@
 A front end turns its wire format into numpy arrays and back; everything in between lives here once, so
 two protocols cannot disagree on what a 404 is or which outcome a failure counts as:
 
-- resolving ``name[:variant]`` and a version to a served variant (404 unknown, 503 known but not servable);
+- resolving ``name[:variant]`` and a version to a served variant (404 unknown, 503 known but not servable),
+  and, for a plain name whose version has a traffic policy, the variant its split picks (``service.traffic``);
 - submitting the decoded request to that variant's scheduler;
 - per-variant accounting: in-flight gauge, request duration, outcome counter, Triton statistics;
 - error classification: every failure leaves as an ``ApiError`` whose status blames the right side.
 
 A front end drives one request as::
 
-    sv = await plane.resolve(name, version)
+    sv = await plane.resolve(name, version, headers)   # headers: the sticky key's source (or None)
     t0 = plane.begin(sv, protocol)          # protocol: "rest" or "grpc" (metrics.PROTOCOLS), a metrics label
     try:
         ...decode (wire-specific)...
@@ -22,6 +23,8 @@ A front end drives one request as::
     except BaseException as e:
         raise plane.fail(sv, protocol, t0, e) from None
     plane.succeed(sv, protocol, t0)
+    ...tell the client which variant answered: sv.variant (REST: X-Slimserve-Variant and the response
+       parameters' "slimserve_variant"; gRPC: the same parameter in ModelInferResponse.parameters)...
 
 The methods are plain calls, not a context manager or a wrapper coroutine: this is the hot path, and an
 idle server answers a small model in about 150 us, so each extra frame shows.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -46,10 +50,19 @@ class DataPlane:
     def __init__(self, loaded: LoadedVariants) -> None:
         self.loaded = loaded
 
-    async def resolve(self, name: str, version: str | None) -> ServedVariant:
+    async def resolve(self, name: str, version: str | None, headers: Mapping[str, str] | None = None) -> ServedVariant:
         """``name`` is ``model`` or ``model:variant``; ``version`` a number or None (the latest loaded).
-        Raises NotFound (unknown), Unavailable (known, not servable now) or BadRequest (a bad version)."""
-        return await self.loaded.resolve(name, version)
+        Raises NotFound (unknown), Unavailable (known, not servable now) or BadRequest (a bad version).
+
+        A plain name of a version with a traffic policy serves the variant its split picks (sticky by a
+        header when the policy names one; ``headers`` is any mapping with lower-case keys, or None)."""
+        sv = await self.loaded.resolve(name, version)
+        tap = sv.tap
+        if tap is not None and ":" not in name:
+            picked = tap.route.pick(headers)
+            if picked != sv.variant:
+                sv = self.loaded.served(sv.model, sv.version, picked) or sv  # not loaded here: the default
+        return sv
 
     @staticmethod
     def begin(sv: ServedVariant, protocol: str) -> int:
@@ -64,8 +77,12 @@ class DataPlane:
         rows: int,
         timeout_us: int | None,
     ) -> asyncio.Future[dict[str, np.ndarray]]:
-        """Queue a decoded request on the variant's scheduler (QueueFull at once when its queue is full)."""
-        return sv.scheduler.submit(inputs, outputs, rows, timeout_us * 1000 if timeout_us else None)
+        """Queue a decoded request on the variant's scheduler (QueueFull at once when its queue is full).
+        Under a traffic policy the variant's tap counts the outcome and may mirror it (``service.shadow``)."""
+        fut = sv.scheduler.submit(inputs, outputs, rows, timeout_us * 1000 if timeout_us else None)
+        if sv.tap is not None:
+            sv.tap.watch(fut, inputs, outputs, rows)
+        return fut
 
     @staticmethod
     def succeed(sv: ServedVariant, protocol: str, t0: int) -> None:

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends import Backend, BackendError, BackendOptions, TensorSpec, WarmupTimeout, is_batchable, load_backend
 from backends.gpu_options import DEFAULT_WORKSPACE_BYTES
@@ -38,6 +38,9 @@ from service.model_config import ModelConfig, for_variant
 from service.scheduler import Scheduler, SchedulerConfig, Stats
 from service.settings import Settings
 from service.warmup import WarmupConfigError, WarmupReport, first_calibration_sample, plan_warmup
+
+if TYPE_CHECKING:
+    from service.traffic import Tap
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class ServedVariant:
     warmup: WarmupReport
     backend_info: dict[str, Any] = field(default_factory=dict)
     engine: EngineStatus | None = None  # its engine's state here, for variants whose backend has a builder
+    #: set by ``service.traffic.TrafficRouter`` when the version has a traffic policy (split, shadow, live counters)
+    tap: Tap | None = None
 
     @property
     def warmed(self) -> bool:
@@ -264,6 +269,11 @@ class LoadedVariants:
                 latest[model] = number
         self._known_latest = latest
         self._known_revision = revision
+
+    @property
+    def revision(self) -> int:
+        """The catalogue revision this process last synced to."""
+        return self._revision
 
     def versions_of(self, model: str) -> list[int]:
         return sorted(n for (m, n) in self._versions if m == model)

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     #: orphan blobs younger than this are left alone by the collector (and by the startup check): the grace
     #: protects an upload whose blob is written but whose catalogue row is not committed yet
     gc_grace_s: float = Field(300.0, ge=0)
+    #: how often (seconds) each replica writes its traffic-policy counters to the catalogue and the decider
+    #: evaluates promotion and rollback rules
+    traffic_interval_s: float = Field(10.0, gt=0)
+    #: shadow samples waiting to be mirrored to candidates; a sample offered to a full queue is dropped and counted
+    shadow_queue_size: int = Field(256, ge=1, le=65536)
     #: uvicorn's log level
     log_level: str = "info"
 

@@ -296,8 +296,10 @@ def encode_response(
     order: tuple[str, ...] | list[str],
     binary: dict[str, bool],
     binary_default: bool,
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
-    """Returns the body and, when it carries binary tensors, the JSON header's length."""
+    """Returns the body and, when it carries binary tensors, the JSON header's length. ``parameters``: the
+    response's own (``slimserve_variant``: the variant that answered)."""
     out_json: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
     for name in order:
@@ -320,6 +322,8 @@ def encode_response(
     resp: dict[str, Any] = {"model_name": model_name, "model_version": str(version), "outputs": out_json}
     if request_id is not None:
         resp["id"] = request_id
+    if parameters:
+        resp["parameters"] = parameters
     header = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return header, None

@@ -3,9 +3,10 @@
     python deploy/grafana/dashboard.py            # rewrite the JSON next to this file
     python deploy/grafana/dashboard.py --check    # exit 1 if the JSON is out of date
 
-The panels read the metrics defined in service/metrics.py. Every query is filtered by the dashboard's
-``$model`` and ``$variant`` variables and aggregated by (model, variant), so replicas add up and each
-served variant is one line. tests/deploy/test_observability.py runs every query against a real
+The panels read the metrics defined in service/metrics.py (the shadow ones: service/shadow.py). Every query is
+filtered by the dashboard's ``$model`` and ``$variant`` variables and aggregated by (model, variant), so replicas
+add up and each served variant is one line (shadow panels: by model, primary and candidate; ``$variant`` selects
+the primary). tests/deploy/test_observability.py runs every query against a real
 Prometheus scraping a real server and requires data back, so a renamed metric or label fails there.
 """
 
@@ -23,8 +24,25 @@ SEL = 'model=~"$model", variant=~"$variant"'
 RATE = "$__rate_interval"
 
 
-def _quantile(q: float, metric: str, by: str = "le, model, variant") -> str:
-    return f"histogram_quantile({q}, sum by ({by}) (rate({metric}_bucket{{{SEL}}}[{RATE}])))"
+#: shadow metrics name the pair (primary, candidate): the variant filter selects the primary, the one that served
+SHADOW = 'model=~"$model", primary=~"$variant"'
+PAIR_BY = "le, model, primary, candidate"
+PAIR_LEGEND = "{{model}}: {{candidate}} vs {{primary}}"
+
+
+def _quantile(q: float, metric: str, by: str = "le, model, variant", sel: str = SEL) -> str:
+    return f"histogram_quantile({q}, sum by ({by}) (rate({metric}_bucket{{{sel}}}[{RATE}])))"
+
+
+def _pair_rate(metric: str) -> str:
+    return f"sum by (model, primary, candidate) (rate({metric}{{{SHADOW}}}[{RATE}]))"
+
+
+def _pair_mean(metric: str) -> str:
+    return (
+        f"sum by (model, primary, candidate) (rate({metric}_sum{{{SHADOW}}}[{RATE}]))"
+        f" / sum by (model, primary, candidate) (rate({metric}_count{{{SHADOW}}}[{RATE}]))"
+    )
 
 
 def _mean(metric: str) -> str:
@@ -330,7 +348,78 @@ def build() -> dict[str, Any]:
             kind="bargauge",
             description="Load and warm-up time of a variant on one backend (the slowest replica).",
         ),
-        _compare_variants(18, (0, 53, 24, 8)),
+        _row(18, "Shadow traffic: candidates compared with the variant that served", 53),
+        _panel(
+            19,
+            "Shadow top-1 agreement",
+            [
+                _target(
+                    _pair_rate("slimserve_shadow_top1_agree_total")
+                    + " / "
+                    + _pair_rate("slimserve_shadow_top1_rows_total"),
+                    PAIR_LEGEND,
+                    "A",
+                )
+            ],
+            (0, 54, 8, 8),
+            unit="percentunit",
+            decimals=4,
+            description="Share of mirrored rows whose top-1 class matches the primary's (classifier outputs), live.",
+        ),
+        _panel(
+            20,
+            "Shadow mean cosine",
+            [_target(_pair_mean("slimserve_shadow_cosine"), PAIR_LEGEND, "A")],
+            (8, 54, 8, 8),
+            decimals=5,
+            description="Cosine similarity of the candidate's outputs with the primary's, averaged per request.",
+        ),
+        _panel(
+            21,
+            "Shadow max abs error (p99 per request)",
+            [_target(_quantile(0.99, "slimserve_shadow_max_abs_error", PAIR_BY, SHADOW), PAIR_LEGEND, "A")],
+            (16, 54, 8, 8),
+            description="Largest absolute output difference from the primary, 99th percentile over requests.",
+        ),
+        _panel(
+            22,
+            "Candidate latency on shadow requests (p50 / p99)",
+            [
+                _target(
+                    _quantile(0.5, "slimserve_shadow_candidate_duration_seconds", PAIR_BY, SHADOW),
+                    PAIR_LEGEND + " p50",
+                    "A",
+                ),
+                _target(
+                    _quantile(0.99, "slimserve_shadow_candidate_duration_seconds", PAIR_BY, SHADOW),
+                    PAIR_LEGEND + " p99",
+                    "B",
+                ),
+            ],
+            (0, 62, 12, 8),
+            unit="s",
+            description="Submit to answer at the candidate, one shadow request at a time (no queueing behind others).",
+        ),
+        _panel(
+            23,
+            "Shadow requests: compared, failed, dropped",
+            [
+                _target(
+                    f"sum by (model, candidate, outcome) (rate(slimserve_shadow_requests_total{{{SHADOW}}}[{RATE}]))",
+                    "{{model}}:{{candidate}} {{outcome}}",
+                    "A",
+                ),
+                _target(
+                    f"sum by (model, candidate) (rate(slimserve_shadow_dropped_total{{{SHADOW}}}[{RATE}]))",
+                    "{{model}}:{{candidate}} dropped",
+                    "B",
+                ),
+            ],
+            (12, 62, 12, 8),
+            unit="reqps",
+            description="Dropped: the shadow queue was full (SLIMSERVE_SHADOW_QUEUE_SIZE) or the candidate not loaded.",
+        ),
+        _compare_variants(24, (0, 70, 24, 8)),
     ]
     return {
         "uid": "slimserve",

@@ -28,6 +28,7 @@ from service.grpc._generated import grpc_service_pb2 as pb
 from service.grpc._generated import grpc_service_pb2_grpc as pb_grpc
 from service.grpc._generated import model_config_pb2
 from service.grpc.codec import decode_request, encode_response
+from service.traffic import VARIANT_PARAM
 from service.triton_views import EXTENSIONS, all_statistics, describe, model_metadata, statistics, triton_config
 
 log = logging.getLogger("slimserve.grpc")
@@ -216,10 +217,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ----------------------------------------------------------------------------------------------
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """The gRPC front end of the data plane: only the protobuf codec is specific to it."""
+    async def infer(
+        self, request: pb.ModelInferRequest, metadata: dict[str, str] | None = None
+    ) -> pb.ModelInferResponse:
+        """The gRPC front end of the data plane: only the protobuf codec is specific to it. ``metadata``: the call's
+        (lower-case keys), where a traffic policy's sticky key is read."""
         plane = self.ctx.plane
-        sv = await plane.resolve(request.model_name, request.model_version or None)
+        sv = await plane.resolve(request.model_name, request.model_version or None, metadata)
         t0 = plane.begin(sv, PROTOCOL)
         try:
             req = decode_request(request, sv.input_index, sv.output_names, sv.max_batch_size, self.ctx.limits)
@@ -232,11 +236,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except BaseException as e:
             raise plane.fail(sv, PROTOCOL, t0, e) from None
         plane.succeed(sv, PROTOCOL, t0)
+        response.parameters[VARIANT_PARAM].string_param = sv.variant  # the variant that answered (traffic policies)
         return response
 
     @rpc()
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self.infer(request)
+        return await self.infer(request, _call_metadata(context))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -247,12 +252,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self.authorize(context, admin=False)
         except ApiError as e:
             await context.abort(grpc_status(e), e.message)
+        metadata = _call_metadata(context)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest | Malformed) -> None:
             try:
-                response = await self.infer(_parsed(request))
+                response = await self.infer(_parsed(request), metadata)
             except ApiError as e:
                 echo = _echo(request) if isinstance(request, pb.ModelInferRequest) else None
                 await answers.put(pb.ModelStreamInferResponse(error_message=e.message, infer_response=echo))
@@ -286,3 +292,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 def _echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
     """What a failed stream request's error carries, so the client can match it (Triton sends the id back)."""
     return pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+
+
+def _call_metadata(context: Any) -> dict[str, str]:
+    """The call's text metadata, keys lower-case (gRPC sends them so): a traffic policy's sticky key is read here."""
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out[key.lower()] = value
+    return out

@@ -17,6 +17,7 @@ from service import __version__
 from service.auth import require_inference
 from service.errors import Unavailable
 from service.routes.common import ctx_of, errors, read_body
+from service.traffic import VARIANT_HEADER, VARIANT_PARAM
 from service.triton_views import EXTENSIONS, all_statistics, describe, statistics, triton_config
 from service.triton_views import model_metadata as metadata_view
 from service.v2codec import HEADER_LENGTH, decode_request, decompress, encode_response
@@ -59,7 +60,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     """The REST front end of the data plane: only the v2 JSON/binary codec is specific to it."""
     ctx = ctx_of(request)
     plane = ctx.plane
-    sv = await plane.resolve(model_name, model_version)
+    sv = await plane.resolve(model_name, model_version, request.headers)
     t0 = plane.begin(sv, "rest")
     try:
         limit = ctx.settings.max_infer_body_bytes
@@ -77,7 +78,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         outputs = await plane.submit(sv, req.inputs, req.outputs, req.rows, req.timeout_us)
         order = req.outputs or [o.name for o in sv.outputs]
         payload, header_len = encode_response(
-            model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default
+            model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default, {VARIANT_PARAM: sv.variant}
         )
     except ClientDisconnect:
         plane.abandon(sv, "rest")
@@ -86,9 +87,11 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         raise plane.fail(sv, "rest", t0, e) from None
     plane.succeed(sv, "rest", t0)
     if header_len is None:
-        return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/json", headers={VARIANT_HEADER: sv.variant})
     return Response(
-        payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_len)}
+        payload,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(header_len), VARIANT_HEADER: sv.variant},
     )
 
 

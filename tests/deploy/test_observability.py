@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from service.metrics import Metrics
+from service.shadow import TrafficMetrics
 from tests.conftest import ServerFactory, free_port, upload
 from tests.deploy._tools import ADAPTER_VALUES, DASHBOARD_JSON, DASHBOARD_PY, RULES, RULES_TEST, require
 from tests.onnx_models import mlp
@@ -37,7 +38,9 @@ METRIC_RE = re.compile(r"\b(slimserve_[a-z_]+)\b")
 def exported_metric_names() -> set[str]:
     """Every sample name the server can export (histograms: _bucket, _sum, _count; counters: _total)."""
     names: set[str] = set()
-    for fam in Metrics().registry.collect():
+    metrics = Metrics()
+    TrafficMetrics(metrics.registry)
+    for fam in metrics.registry.collect():
         if fam.type == "histogram":
             names |= {f"{fam.name}_bucket", f"{fam.name}_sum", f"{fam.name}_count"}
         elif fam.type == "counter":
@@ -261,6 +264,9 @@ def test_live_prometheus_answers_every_dashboard_query(server_factory: ServerFac
         while c.get("/v2/models/dash-mlp:int8/ready").status_code != 200:
             assert time.monotonic() < deadline, "the int8 variant did not load"
             time.sleep(0.1)
+        # shadow traffic for the shadow panels: every dash-mlp request is mirrored to int8
+        policy = {"split": {"original": 1.0}, "shadow": {"int8": 1.0}}
+        assert c.put("/v1/models/dash-mlp/versions/1/traffic", json=policy).status_code == 200
 
     # the recording group evaluates every 30 s in production; every second here
     rules = yaml.safe_load(RULES.read_text())
@@ -308,6 +314,7 @@ def test_live_prometheus_answers_every_dashboard_query(server_factory: ServerFac
         total = 'sum(slimserve_requests_total{model=~"dash-.*"})'
         prom.wait_until(f"{total} >= 460")
         prom.wait_until('sum(slimserve:requests:rate5m{model=~"dash-.*", outcome="client_error"}) > 0')
+        prom.wait_until('sum(slimserve_shadow_rows_total{model="dash-mlp"}) > 0')
 
         dash = dashboard()
         checked = 0
