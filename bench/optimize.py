@@ -110,7 +110,7 @@ def encoder(args: argparse.Namespace) -> dict[str, Any]:
     url, proc = serve(data)
     out: dict[str, Any] = {}
     with proc, httpx.Client(base_url=url, timeout=600) as c:
-        goals = {"tolerance": 0.01, "objective": "latency"}
+        goals = {"tolerance": 0.01, "objective": "latency", **args.goals}
         job = optimize(c, "enc", model, npz(encoder_inputs(256, seed=1)), goals)
         result = job["result"]
         version = c.get("/v1/models/enc/versions/1").json()
@@ -187,7 +187,7 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
     data = common.BENCH_DIR / f"optimize-digits-{os.getpid()}"
     url, proc = serve(data)
     with proc, httpx.Client(base_url=url, timeout=600) as c:
-        goals = {"tolerance": 0.01, "objective": "size"}
+        goals = {"tolerance": 0.01, "objective": "size", **args.goals}
         job = optimize(c, "digits", model, npz({"input": x, "labels": y}), goals)
         result = job["result"]
         print(trials_table(result))
@@ -215,6 +215,9 @@ def main() -> None:
     ap.add_argument("model", choices=["encoder", "digits"])
     ap.add_argument("--rounds", type=int, default=20, help="interleaved batch-32 rounds through the server")
     ap.add_argument("--seconds", type=float, default=10.0, help="wrk seconds for the batching bar")
+    ap.add_argument(
+        "--goals", type=json.loads, default={}, help="JSON goals added to the bar's, e.g. '{\"concurrency\": 32}'"
+    )
     args = ap.parse_args()
     out = encoder(args) if args.model == "encoder" else digits(args)
     out["machine"] = common.machine_notes()
