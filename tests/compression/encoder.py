@@ -68,7 +68,7 @@ def load_weights(path: Path | None = None) -> dict[str, np.ndarray]:
     return out
 
 
-def build_encoder(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def build_encoder(weights: dict[str, np.ndarray], layers: int = LAYERS) -> onnx.ModelProto:
     """The BERT graph as a PyTorch opset-17 export writes it, plus mean pooling and L2 normalisation."""
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -128,7 +128,7 @@ def build_encoder(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     sqrt_d = const("sqrt_head_dim", np.array(math.sqrt(head_dim), np.float32))
     sqrt2 = const("sqrt2", np.array(math.sqrt(2.0), np.float32))
     half = const("half", np.array(0.5, np.float32))
-    for i in range(LAYERS):
+    for i in range(layers):
         pre, sc = f"encoder.layer.{i}", f"/encoder/layer.{i}"
         q = linear(h, f"{pre}.attention.self.query", f"{sc}/attention/self/query")
         k = linear(h, f"{pre}.attention.self.key", f"{sc}/attention/self/key")
@@ -183,6 +183,36 @@ def build_encoder(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def random_weights(layers: int = LAYERS, vocab: int = 500, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weights in ``load_weights``' layout with ``layers`` layers, random values and a small vocabulary: the MiniLM
+    graph for tests that need its structure, not its training."""
+    rng = np.random.default_rng(seed)
+    h, f = HIDDEN, 4 * HIDDEN
+    w: dict[str, np.ndarray] = {}
+
+    def linear(prefix: str, out_dim: int, in_dim: int) -> None:
+        w[f"{prefix}.weight"] = (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
+        w[f"{prefix}.bias"] = (rng.standard_normal(out_dim) * 0.02).astype(np.float32)
+
+    def norm(prefix: str) -> None:
+        w[f"{prefix}.weight"], w[f"{prefix}.bias"] = np.ones(h, np.float32), np.zeros(h, np.float32)
+
+    w["embeddings.word_embeddings.weight"] = (rng.standard_normal((vocab, h)) * 0.5).astype(np.float32)
+    w["embeddings.position_embeddings.weight"] = (rng.standard_normal((512, h)) * 0.1).astype(np.float32)
+    w["embeddings.token_type_embeddings.weight"] = (rng.standard_normal((2, h)) * 0.1).astype(np.float32)
+    norm("embeddings.LayerNorm")
+    for i in range(layers):
+        p = f"encoder.layer.{i}"
+        for name in ("query", "key", "value"):
+            linear(f"{p}.attention.self.{name}", h, h)
+        linear(f"{p}.attention.output.dense", h, h)
+        norm(f"{p}.attention.output.LayerNorm")
+        linear(f"{p}.intermediate.dense", f, h)
+        linear(f"{p}.output.dense", h, f)
+        norm(f"{p}.output.LayerNorm")
+    return w
 
 
 def encoder_path() -> Path:

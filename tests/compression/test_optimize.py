@@ -31,36 +31,7 @@ from tests.compression.optimize_helpers import run_job, store_with
 def small_encoder(layers: int = 1, vocab: int = 300) -> bytes:
     """tests/compression/encoder.py's MiniLM graph (hidden 384, L2-normalized [N, 384] output) with ``layers``
     layers and random weights."""
-    rng = np.random.default_rng(0)
-    h, f = E.HIDDEN, 4 * E.HIDDEN
-    w: dict[str, np.ndarray] = {}
-
-    def linear(prefix: str, out_dim: int, in_dim: int) -> None:
-        w[f"{prefix}.weight"] = (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
-        w[f"{prefix}.bias"] = (rng.standard_normal(out_dim) * 0.02).astype(np.float32)
-
-    def norm(prefix: str) -> None:
-        w[f"{prefix}.weight"], w[f"{prefix}.bias"] = np.ones(h, np.float32), np.zeros(h, np.float32)
-
-    w["embeddings.word_embeddings.weight"] = (rng.standard_normal((vocab, h)) * 0.5).astype(np.float32)
-    w["embeddings.position_embeddings.weight"] = (rng.standard_normal((512, h)) * 0.1).astype(np.float32)
-    w["embeddings.token_type_embeddings.weight"] = (rng.standard_normal((2, h)) * 0.1).astype(np.float32)
-    norm("embeddings.LayerNorm")
-    for i in range(layers):
-        p = f"encoder.layer.{i}"
-        for name in ("query", "key", "value"):
-            linear(f"{p}.attention.self.{name}", h, h)
-        linear(f"{p}.attention.output.dense", h, h)
-        norm(f"{p}.attention.output.LayerNorm")
-        linear(f"{p}.intermediate.dense", f, h)
-        linear(f"{p}.output.dense", h, f)
-        norm(f"{p}.output.LayerNorm")
-    saved = E.LAYERS
-    E.LAYERS = layers  # build_encoder reads the module's layer count
-    try:
-        return E.build_encoder(w).SerializeToString()
-    finally:
-        E.LAYERS = saved
+    return E.build_encoder(E.random_weights(layers, vocab), layers).SerializeToString()
 
 
 def encoder_feeds(n: int, seq: int = 16, vocab: int = 300, seed: int = 0) -> dict[str, np.ndarray]:

@@ -52,31 +52,7 @@ def _x(n: int, k: int = 64, seed: int = 1) -> dict[str, np.ndarray]:
 
 def _random_minilm() -> onnx.ModelProto:
     """tests/compression/encoder.py's graph (6 layers, hidden 384) with random weights and a small vocabulary."""
-    rng = np.random.default_rng(0)
-    h, f = E.HIDDEN, 4 * E.HIDDEN
-    w: dict[str, np.ndarray] = {}
-
-    def linear(prefix: str, out_dim: int, in_dim: int) -> None:
-        w[f"{prefix}.weight"] = (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
-        w[f"{prefix}.bias"] = (rng.standard_normal(out_dim) * 0.02).astype(np.float32)
-
-    def norm(prefix: str) -> None:
-        w[f"{prefix}.weight"], w[f"{prefix}.bias"] = np.ones(h, np.float32), np.zeros(h, np.float32)
-
-    w["embeddings.word_embeddings.weight"] = (rng.standard_normal((VOCAB, h)) * 0.5).astype(np.float32)
-    w["embeddings.position_embeddings.weight"] = (rng.standard_normal((512, h)) * 0.1).astype(np.float32)
-    w["embeddings.token_type_embeddings.weight"] = (rng.standard_normal((2, h)) * 0.1).astype(np.float32)
-    norm("embeddings.LayerNorm")
-    for i in range(E.LAYERS):
-        p = f"encoder.layer.{i}"
-        for name in ("query", "key", "value"):
-            linear(f"{p}.attention.self.{name}", h, h)
-        linear(f"{p}.attention.output.dense", h, h)
-        norm(f"{p}.attention.output.LayerNorm")
-        linear(f"{p}.intermediate.dense", f, h)
-        linear(f"{p}.output.dense", h, f)
-        norm(f"{p}.output.LayerNorm")
-    return E.build_encoder(w)
+    return E.build_encoder(E.random_weights(E.LAYERS, VOCAB))
 
 
 def _ids(n: int, seed: int) -> dict[str, np.ndarray]:
