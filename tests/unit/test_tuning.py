@@ -68,7 +68,9 @@ def test_a_variants_tuned_config_fills_what_the_user_left_unset() -> None:
 
 
 def test_one_client_tunes_only_threads_and_spinning() -> None:
-    assert tuning.candidates(2, 1, True) == {"intra_op_threads": [2, 1], "allow_spinning": [True, False]}
+    # one client's single-row requests cannot choose threads for the batches a batchable model also serves
+    assert tuning.candidates(2, 1, True) == {"intra_op_threads": [2], "allow_spinning": [True, False]}
+    assert tuning.candidates(2, 1, False) == {"intra_op_threads": [2, 1], "allow_spinning": [True, False]}
     assert set(tuning.candidates(2, 8, True)) == {
         "max_batch_size",
         "max_queue_delay_us",
