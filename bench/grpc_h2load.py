@@ -15,7 +15,8 @@ Servers on core 0, h2load (1 thread) on core 1 (``taskset``). Parts (all by defa
 
 - ``peers``: MLP 64-256-256-10 (bench/models.py), batch 1, raw tensor contents, concurrency 8 (``-c 8 -m 1``:
   eight connections, one call in flight on each), slimserve and MLServer interleaved for ``--rounds`` rounds.
-  Bar: slimserve >= 1.5x MLServer's median throughput with a lower p99.
+  Bar: slimserve >= 1.5x MLServer's throughput (both the ratio of the medians and the median of the per-round
+  ratios) with a lower median p99.
 - ``c1``: slimserve REST vs gRPC at concurrency 1, perf_analyzer for both (-i http binary tensors, -i grpc: the
   same C++ client), interleaved rounds, against in-process ``InferenceSession.run``. Bar: gRPC adds no more
   than REST (the per-round difference of the p50s, median and range).
@@ -120,15 +121,26 @@ def h2load(
 
 
 def _h2load_summary(text: str) -> dict[str, Any]:
-    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
-                  r"(\d+) timeout", text)
+    m = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+        r"(\d+) timeout",
+        text,
+    )
     codes = re.search(r"status codes: (\d+) 2xx", text)
     rate = re.search(r"finished in [^,]+, ([\d.]+) req/s", text)
     if m is None or codes is None or rate is None:
         raise RuntimeError(f"unexpected h2load output: {text[-1500:]}")
     total, _, done, succeeded, failed, errored, timeout = map(int, m.groups())
-    return {"total": total, "done": done, "succeeded": succeeded, "failed": failed, "errored": errored,
-            "timeout": timeout, "2xx": int(codes.group(1)), "req_s": float(rate.group(1))}
+    return {
+        "total": total,
+        "done": done,
+        "succeeded": succeeded,
+        "failed": failed,
+        "errored": errored,
+        "timeout": timeout,
+        "2xx": int(codes.group(1)),
+        "req_s": float(rate.group(1)),
+    }
 
 
 # -- is every answer real? ------------------------------------------------------------------------------------
@@ -163,7 +175,7 @@ def slimserve_ok(url: str) -> Callable[[], float]:
 
 
 def mlserver_ok(metrics_url: str) -> Callable[[], float]:
-    return lambda: _counter(metrics_url, r'^model_infer_request_success_total\{[^}]*\} ([\d.e+]+)$')
+    return lambda: _counter(metrics_url, r"^model_infer_request_success_total\{[^}]*\} ([\d.e+]+)$")
 
 
 def counted(result: Result, before: float, after: float) -> None:
@@ -184,7 +196,7 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
     results: list[Result] = []
     with contextlib.ExitStack() as stack:
         slim_url = stack.enter_context(peers.slimserve_server(model, "0"))
-        mls, mls_url = stack.enter_context(mlserver_grpc(model, "0"))
+        mls, _ = stack.enter_context(mlserver_grpc(model, "0"))
         settings = next(common.BENCH_DIR.glob("mlserver-*/settings.json"))
         mls_metrics = f"http://{common.HOST}:{json.loads(settings.read_text())['metrics_port']}/metrics"
         targets = {
@@ -211,12 +223,13 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
         )
     ]
     ratio = med["slimserve"] / med["mlserver"]
-    ok = ratio >= BAR_RATIO and p99["slimserve"] < p99["mlserver"]
+    paired = statistics.median(per_round)  # each round's pair ran back to back: drift on the box cancels
+    ok = min(ratio, paired) >= BAR_RATIO and p99["slimserve"] < p99["mlserver"]
     line = (
         f"c={args.concurrency} gRPC (h2load): slimserve {med['slimserve']:,.0f} req/s (rounds {rng['slimserve']}) "
         f"p99 {p99['slimserve']:.2f} ms, MLServer {med['mlserver']:,.0f} req/s (rounds {rng['mlserver']}) p99 "
-        f"{p99['mlserver']:.2f} ms: {ratio:.2f}x (per round {min(per_round):.2f}-{max(per_round):.2f}x) -> "
-        f"{'PASS' if ok else 'FAIL'}"
+        f"{p99['mlserver']:.2f} ms: ratio of medians {ratio:.2f}x, median of per-round ratios {paired:.2f}x (range "
+        f"{min(per_round):.2f}-{max(per_round):.2f}x) -> {'PASS' if ok else 'FAIL'}"
     )
     return results, [line]
 
@@ -273,8 +286,10 @@ def part_tail(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
                 counted(r, before, ok())
                 r.extra["round"] = rnd
                 results.append(r)
-                print(f"tail round {rnd}: {r.line()}, p90 {r.extra['p90_ms']:.3f} ms, "
-                      f"p99/p50 {r.p99_ms / r.p50_ms:.2f}", flush=True)
+                print(
+                    f"tail round {rnd}: {r.line()}, p90 {r.extra['p90_ms']:.3f} ms, p99/p50 {r.p99_ms / r.p50_ms:.2f}",
+                    flush=True,
+                )
     ratios = [r.p99_ms / r.p50_ms for r in results]
     med = statistics.median(ratios)
     line = (
@@ -301,8 +316,11 @@ def main() -> None:
     results: list[Result] = []
     lines: list[str] = []
     for part in parts:
-        rs, ls = {"peers": lambda: part_peers(args, model), "c1": lambda: part_c1(args, model),
-                  "tail": lambda: part_tail(args)}[part]()
+        rs, ls = {
+            "peers": lambda: part_peers(args, model),
+            "c1": lambda: part_c1(args, model),
+            "tail": lambda: part_tail(args),
+        }[part]()
         results += rs
         lines += ls
     print(common.table([r.row() for r in results]))
