@@ -186,6 +186,32 @@ def counted(result: Result, before: float, after: float) -> None:
         raise RuntimeError(f"{result.target}: h2load counted {result.requests} answers but the server {moved:.0f}")
 
 
+def cpu_seconds(marker: str) -> float:
+    """User + system CPU time of the processes whose command line contains ``marker``, and their children.
+
+    CPU time per answered call is the server's own cost, which other work on a shared core barely moves (it
+    takes wall time, not the server's CPU time): the steadier measure of per-call cost on a loaded box. Read
+    from /proc (Linux, as taskset) rather than adding psutil for one sum.
+    """
+    procs: dict[int, tuple[int, float]] = {}
+    roots = set()
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+            procs[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            if marker.encode() in (d / "cmdline").read_bytes():
+                roots.add(int(d.name))
+    total, frontier = 0.0, set(roots)
+    while frontier:
+        total += sum(procs[p][1] for p in frontier if p in procs)
+        frontier = {p for p, (ppid, _) in procs.items() if ppid in frontier}
+    return total
+
+
 # -- the parts --------------------------------------------------------------------------------------------------
 
 
@@ -203,16 +229,24 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
             "slimserve": (common.grpc_address(slim_url), slimserve_ok(slim_url)),
             "mlserver": (mls, mlserver_ok(mls_metrics)),
         }
+        # what names each server's process in its command line: slimserve's port, MLServer's repository folder
+        markers = {"slimserve": f"--port\0{slim_url.rsplit(':', 1)[1]}\0", "mlserver": str(settings.parent)}
         for rnd in range(args.rounds):
             for name in list(targets)[rnd % 2 :] + list(targets)[: rnd % 2]:
                 target, ok = targets[name]
                 check_answer(target, "mlp", inputs, models.MLP_OUTPUT, expected)
-                before = ok()
+                before, cpu0 = ok(), cpu_seconds(markers[name])
                 r = h2load(target, body, concurrency=args.concurrency, seconds=args.seconds, cpus="1", name=name)
+                cpu = cpu_seconds(markers[name]) - cpu0
                 counted(r, before, ok())
                 r.extra["round"] = rnd
+                r.extra["server_cpu_ms_per_call"] = 1e3 * cpu / r.extra["server_counted"]
                 results.append(r)
-                print(f"round {rnd}: {r.line()} (server counted {r.extra['server_counted']:.0f})", flush=True)
+                print(
+                    f"round {rnd}: {r.line()} (server counted {r.extra['server_counted']:.0f}, "
+                    f"{r.extra['server_cpu_ms_per_call']:.3f} CPU-ms per call)",
+                    flush=True,
+                )
     med = {n: statistics.median(r.throughput for r in results if r.target == n) for n in targets}
     p99 = {n: statistics.median(r.p99_ms for r in results if r.target == n) for n in targets}
     rng = {n: [round(r.throughput) for r in results if r.target == n] for n in targets}
@@ -222,6 +256,7 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
             [r for r in results if r.target == "slimserve"], [r for r in results if r.target == "mlserver"], strict=True
         )
     ]
+    cpu = {n: statistics.median(r.extra["server_cpu_ms_per_call"] for r in results if r.target == n) for n in targets}
     ratio = med["slimserve"] / med["mlserver"]
     paired = statistics.median(per_round)  # each round's pair ran back to back: drift on the box cancels
     ok = min(ratio, paired) >= BAR_RATIO and p99["slimserve"] < p99["mlserver"]
@@ -231,7 +266,11 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
         f"{p99['mlserver']:.2f} ms: ratio of medians {ratio:.2f}x, median of per-round ratios {paired:.2f}x (range "
         f"{min(per_round):.2f}-{max(per_round):.2f}x) -> {'PASS' if ok else 'FAIL'}"
     )
-    return results, [line]
+    cpu_line = (
+        f"server CPU per call (median): slimserve {cpu['slimserve']:.3f} ms, MLServer {cpu['mlserver']:.3f} ms: "
+        f"MLServer spends {cpu['mlserver'] / cpu['slimserve']:.2f}x slimserve's CPU per call"
+    )
+    return results, [line, cpu_line]
 
 
 def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[str]]:
