@@ -362,6 +362,8 @@ def main() -> None:
         }[part]()
         results += rs
         lines += ls
+        for line in ls:
+            print(line, flush=True)
     print(common.table([r.row() for r in results]))
     for line in lines:
         print(line)
