@@ -40,7 +40,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ sys.path.insert(0, str(common.REPO))
 from service.grpc._generated import grpc_service_pb2 as pb
 from tests.compression import digits as D
 
+HERE = Path(__file__).resolve().parent
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 TAIL_BAR = 3.0
 
@@ -212,6 +213,20 @@ def cpu_seconds(marker: str) -> float:
     return total
 
 
+@contextlib.contextmanager
+def floor_server(model: Path, cpus: str | None) -> Iterator[str]:
+    """bench/grpc_floor.py (grpc.aio answering a fixed response) on a free port; yields its address."""
+    import grpc
+
+    port = common.free_port()
+    argv = [*common.pin(cpus), sys.executable, str(HERE / "grpc_floor.py"), "--port", str(port), "--model", str(model)]
+    with common.process(argv, cwd=common.REPO, log_name="grpc-floor"):
+        target = f"{common.HOST}:{port}"
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        yield target
+
+
 # -- the parts --------------------------------------------------------------------------------------------------
 
 
@@ -223,22 +238,31 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
     with contextlib.ExitStack() as stack:
         slim_url = stack.enter_context(peers.slimserve_server(model, "0"))
         mls, _ = stack.enter_context(mlserver_grpc(model, "0"))
+        floor = stack.enter_context(floor_server(model, "0"))
         settings = next(common.BENCH_DIR.glob("mlserver-*/settings.json"))
         mls_metrics = f"http://{common.HOST}:{json.loads(settings.read_text())['metrics_port']}/metrics"
         targets = {
             "slimserve": (common.grpc_address(slim_url), slimserve_ok(slim_url)),
             "mlserver": (mls, mlserver_ok(mls_metrics)),
+            "grpc.aio floor": (floor, None),
         }
         # what names each server's process in its command line: slimserve's port, MLServer's repository folder
-        markers = {"slimserve": f"--port\0{slim_url.rsplit(':', 1)[1]}\0", "mlserver": str(settings.parent)}
+        markers = {
+            "slimserve": f"--port\0{slim_url.rsplit(':', 1)[1]}\0",
+            "mlserver": str(settings.parent),
+            "grpc.aio floor": f"--port\0{floor.rsplit(':', 1)[1]}\0",
+        }
         for rnd in range(args.rounds):
-            for name in list(targets)[rnd % 2 :] + list(targets)[: rnd % 2]:
+            for name in list(targets)[rnd % 3 :] + list(targets)[: rnd % 3]:
                 target, ok = targets[name]
                 check_answer(target, "mlp", inputs, models.MLP_OUTPUT, expected)
-                before, cpu0 = ok(), cpu_seconds(markers[name])
+                before, cpu0 = ok() if ok else 0.0, cpu_seconds(markers[name])
                 r = h2load(target, body, concurrency=args.concurrency, seconds=args.seconds, cpus="1", name=name)
                 cpu = cpu_seconds(markers[name]) - cpu0
-                counted(r, before, ok())
+                if ok:
+                    counted(r, before, ok())
+                else:  # the floor keeps no counter: count what h2load sent, warm-up included
+                    r.extra["server_counted"] = r.requests * (1 + 2.0 / args.seconds)  # approx.: 2 s warm-up
                 r.extra["round"] = rnd
                 r.extra["server_cpu_ms_per_call"] = 1e3 * cpu / r.extra["server_counted"]
                 results.append(r)
@@ -270,7 +294,14 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
         f"server CPU per call (median): slimserve {cpu['slimserve']:.3f} ms, MLServer {cpu['mlserver']:.3f} ms: "
         f"MLServer spends {cpu['mlserver'] / cpu['slimserve']:.2f}x slimserve's CPU per call"
     )
-    return results, [line, cpu_line]
+    fl = "grpc.aio floor"
+    floor_line = (
+        f"grpc.aio floor (fixed answer, no decode/model): {med[fl]:,.0f} req/s, {cpu[fl]:.3f} CPU-ms per call "
+        f"(approx.); slimserve reaches {med['slimserve'] / med[fl]:.2f}x of it, MLServer "
+        f"{med['mlserver'] / med[fl]:.2f}x; the most any grpc.aio server can be over MLServer here: "
+        f"{med[fl] / med['mlserver']:.2f}x"
+    )
+    return results, [line, cpu_line, floor_line]
 
 
 def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[str]]:
