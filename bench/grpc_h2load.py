@@ -89,17 +89,25 @@ def h2load(
     warmup: float = 2.0,
     cpus: str | None = None,
     name: str = "",
+    rest: tuple[str, dict[str, str]] | None = None,
 ) -> Result:
     """Closed-loop gRPC load: ``concurrency`` connections with one call in flight on each, for ``seconds`` after
-    ``warmup``. Percentiles from the per-request log (the requests finished in the measured window)."""
+    ``warmup``. Percentiles from the per-request log (the requests finished in the measured window).
+
+    ``rest=(url, headers)`` sends ``body`` as a REST POST over HTTP/1.1 instead (``--h1``): the same client for both
+    protocols at concurrency 1."""
     exe = need_h2load()
     with tempfile.TemporaryDirectory(dir=common.BENCH_DIR) as tmp:
         body_path, log_path = Path(tmp, "body.bin"), Path(tmp, "requests.log")
         body_path.write_bytes(body)
         argv = [*common.pin(cpus), exe, "-t", "1", "-c", str(concurrency), "-m", "1"]
         argv += ["-D", f"{seconds:g}", "--warm-up-time", f"{warmup:g}", "-d", str(body_path)]
-        argv += ["-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log_path)]
-        argv.append(f"http://{target}{PATH}")
+        argv += ["--log-file", str(log_path)]
+        if rest is None:
+            argv += ["-H", "content-type: application/grpc", "-H", "te: trailers", f"http://{target}{PATH}"]
+        else:
+            url, headers = rest
+            argv += ["--h1", *(x for k, v in headers.items() for x in ("-H", f"{k}: {v}")), url]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + warmup + 60)
         if out.returncode != 0:
             raise RuntimeError(f"h2load failed ({out.returncode}): {out.stdout[-1500:]} {out.stderr[-1500:]}")
@@ -110,7 +118,7 @@ def h2load(
     return Result(
         name,
         "h2load",
-        "raw",
+        "raw" if rest is None else "binary",
         concurrency,
         throughput=summary["2xx"] / seconds,
         p50_ms=float(np.percentile(lat, 50)),
@@ -170,8 +178,11 @@ def _counter(url: str, pattern: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.MULTILINE))
 
 
-def slimserve_ok(url: str) -> Callable[[], float]:
-    pattern = r'^slimserve_requests_total\{(?=[^}]*outcome="success")(?=[^}]*protocol="grpc")[^}]*\} ([\d.e+]+)$'
+def slimserve_ok(url: str, protocol: str = "grpc") -> Callable[[], float]:
+    pattern = (
+        r'^slimserve_requests_total\{(?=[^}]*outcome="success")(?=[^}]*protocol="' + protocol + r'")[^}]*\} '
+        r"([\d.e+]+)$"
+    )
     return lambda: _counter(f"{url}/metrics", pattern)
 
 
@@ -305,37 +316,74 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
 
 
 def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[str]]:
+    """Four points per round, in rotating order: perf_analyzer -i http / -i grpc, and h2load over REST (HTTP/1.1,
+    binary tensor body) / gRPC, each with the server's CPU time per call."""
+    inputs = models.mlp_input(1)
+    expected = peers._reference(model, inputs)
+    bin_body, hlen = common.v2_binary_body(inputs, [models.MLP_OUTPUT])
+    rest_headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(hlen)}
+    grpc_body = grpc_frame("mlp", inputs)
     results: list[Result] = []
     with peers.slimserve_server(model, "0") as url:
         grpc_target = common.grpc_address(url)
+        marker = f"--port\0{url.rsplit(':', 1)[1]}\0"
+        counters = {"REST": slimserve_ok(url, "rest"), "gRPC": slimserve_ok(url, "grpc")}
+
+        def perf_analyzer(proto: str) -> Result:
+            return common.perf_analyzer(
+                url if proto == "REST" else grpc_target,
+                "mlp",
+                concurrency=1,
+                interval_ms=2000,
+                cpus="1",
+                target=f"slimserve {proto}",
+                protocol="http" if proto == "REST" else "grpc",
+            )
+
+        def with_h2load(proto: str) -> Result:
+            rest = (f"{url}/v2/models/mlp/infer", rest_headers) if proto == "REST" else None
+            body = bin_body if proto == "REST" else grpc_body
+            return h2load(
+                grpc_target, body, concurrency=1, seconds=args.seconds, cpus="1", name=f"slimserve {proto}", rest=rest
+            )
+
+        points = [(t, p) for t in ("perf_analyzer", "h2load") for p in ("REST", "gRPC")]
         for rnd in range(args.rounds):
-            order = [("REST", "http"), ("gRPC", "grpc")]
-            for proto, flag in order[rnd % 2 :] + order[: rnd % 2]:
-                r = common.perf_analyzer(
-                    url if flag == "http" else grpc_target,
-                    "mlp",
-                    concurrency=1,
-                    interval_ms=int(args.seconds * 1000 / 2),
-                    cpus="1",
-                    target=f"slimserve {proto}",
-                    protocol=flag,
-                )
-                r.extra["round"] = rnd
+            check_answer(grpc_target, "mlp", inputs, models.MLP_OUTPUT, expected)
+            for tool, proto in points[rnd % 4 :] + points[: rnd % 4]:
+                before, cpu0 = counters[proto](), cpu_seconds(marker)
+                r = (perf_analyzer if tool == "perf_analyzer" else with_h2load)(proto)
+                calls = counters[proto]() - before
+                if tool == "h2load":
+                    counted(r, before, before + calls)
+                r.extra.update(round=rnd, server_cpu_ms_per_call=1e3 * (cpu_seconds(marker) - cpu0) / calls)
                 results.append(r)
-                print(f"round {rnd}: {r.line()}", flush=True)
+                print(
+                    f"round {rnd}: {r.line()} ({r.extra['server_cpu_ms_per_call']:.3f} server CPU-ms per call)",
+                    flush=True,
+                )
     (inproc,) = overhead.in_process(model, args.seconds, [1], "0")
     print(inproc.line(), flush=True)
-    rest = [r.p50_ms for r in results if r.target == "slimserve REST"]
-    grpc = [r.p50_ms for r in results if r.target == "slimserve gRPC"]
-    diff = [g - r for g, r in zip(grpc, rest, strict=True)]
-    med_diff = statistics.median(diff)
-    verdict = "PASS" if max(diff) <= 0 else "FAIL" if min(diff) > 0 else "within noise (sign varies by round)"
-    line = (
-        f"c=1 over in-process p50 {inproc.p50_ms:.3f} ms: REST adds {statistics.median(rest) - inproc.p50_ms:.3f} ms, "
-        f"gRPC adds {statistics.median(grpc) - inproc.p50_ms:.3f} ms (medians of {len(rest)} rounds); gRPC - REST "
-        f"per round: median {med_diff:+.3f} ms, range {min(diff):+.3f} to {max(diff):+.3f} ms -> {verdict}"
-    )
-    return [*results, inproc], [line]
+    lines = []
+    for tool in ("perf_analyzer", "h2load"):
+        mine = [r for r in results if r.tool == tool]
+        rest = [r for r in mine if r.target == "slimserve REST"]
+        grpc = [r for r in mine if r.target == "slimserve gRPC"]
+        diff = [g.p50_ms - r.p50_ms for g, r in zip(grpc, rest, strict=True)]
+        cpu = {
+            n: statistics.median(r.extra["server_cpu_ms_per_call"] for r in rs)
+            for n, rs in (("REST", rest), ("gRPC", grpc))
+        }
+        verdict = "PASS" if max(diff) <= 0 else "FAIL" if min(diff) > 0 else "within noise (the sign varies by round)"
+        lines.append(
+            f"c=1 {tool}: over in-process p50 {inproc.p50_ms:.3f} ms REST adds "
+            f"{statistics.median(r.p50_ms for r in rest) - inproc.p50_ms:.3f} ms, gRPC adds "
+            f"{statistics.median(r.p50_ms for r in grpc) - inproc.p50_ms:.3f} ms (medians of {len(rest)} rounds); "
+            f"gRPC - REST per round: median {statistics.median(diff):+.3f} ms, range {min(diff):+.3f} to "
+            f"{max(diff):+.3f} ms -> {verdict}; server CPU per call REST {cpu['REST']:.3f} ms, "
+            f"gRPC {cpu['gRPC']:.3f} ms"
+        )
+    return [*results, inproc], lines
 
 
 def part_tail(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
