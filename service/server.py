@@ -6,10 +6,10 @@ work), stops every listener from accepting, lets in-flight requests finish (boun
 ``shutdown_timeout_s``), then runs the app's shutdown: job workers put their running job back in the
 queue and exit, schedulers stop.
 
-The event loop is uvloop's when it is installed (``uvicorn[standard]`` brings it): what uvicorn itself picks with
-its default ``loop="auto"``, which ``asyncio.run`` here would bypass. Every request hands its batch's result back
-from a scheduler thread to the loop and grpc.aio schedules several callbacks per call, so the loop's own cost is
-on the hot path of both protocols (docs/benchmarks/grpc-h2load.md measured ~+20% gRPC throughput at c=8).
+The event loop (SLIMSERVE_EVENT_LOOP, default ``auto``) is uvloop's when it is installed (``uvicorn[standard]``
+brings it): what uvicorn itself picks with its default ``loop="auto"``, which ``asyncio.run`` here would bypass.
+Every request hands its batch's result back from a scheduler thread to the loop and grpc.aio schedules several
+callbacks per call, so the loop's own cost is on the hot path of both protocols (docs/benchmarks/grpc-h2load.md).
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ class _Server(uvicorn.Server):
         yield  # signals are handled once for all listeners, in serve()
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if choice == "asyncio":
+        return None
     try:
         import uvloop
     except ImportError:  # a platform without uvloop: asyncio's default loop
@@ -121,7 +123,7 @@ def serve(app: FastAPI, settings: Settings) -> None:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
             runner.run(main())
     finally:
         for sig, handler in previous.items():

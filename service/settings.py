@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +83,8 @@ class Settings(BaseSettings):
     gc_grace_s: float = Field(300.0, ge=0)
     #: uvicorn's log level
     log_level: str = "info"
+    #: the event loop: "auto" (uvloop when installed, as uvicorn picks) or "asyncio" (the standard library's)
+    event_loop: Literal["auto", "asyncio"] = "auto"
 
     #: job worker processes the server starts itself (0: run `slimserve worker` separately)
     job_workers: int = Field(1, ge=0, le=16)
