@@ -20,6 +20,8 @@ Servers on core 0, h2load (1 thread) on core 1 (``taskset``). Parts (all by defa
 - ``c1``: slimserve REST vs gRPC at concurrency 1, perf_analyzer for both (-i http binary tensors, -i grpc: the
   same C++ client), interleaved rounds, against in-process ``InferenceSession.run``. Bar: gRPC adds no more
   than REST (the per-round difference of the p50s, median and range).
+- ``loop`` (not in the default parts): slimserve with SLIMSERVE_EVENT_LOOP=auto (uvloop) against asyncio, gRPC at
+  c=8, interleaved rounds.
 - ``tail``: the digits CNN (bench/tail.py's config), batch 1, gRPC at concurrency 32 with h2load. Bar: p99 <= 3x
   p50.
 
@@ -386,6 +388,48 @@ def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[s
     return [*results, inproc], lines
 
 
+def part_loop(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[str]]:
+    """slimserve on uvloop (SLIMSERVE_EVENT_LOOP=auto) against asyncio's loop, gRPC at c=8, interleaved rounds."""
+    inputs = models.mlp_input(1)
+    expected = peers._reference(model, inputs)
+    body = grpc_frame("mlp", inputs)
+    results: list[Result] = []
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for loop in ("auto", "asyncio"):
+            os.environ["SLIMSERVE_EVENT_LOOP"] = loop  # the child server reads it (common.slimserve copies environ)
+            try:
+                urls[f"slimserve loop={loop}"] = stack.enter_context(peers.slimserve_server(model, "0"))
+            finally:
+                del os.environ["SLIMSERVE_EVENT_LOOP"]
+        for rnd in range(args.rounds):
+            for name in list(urls)[rnd % 2 :] + list(urls)[: rnd % 2]:
+                url = urls[name]
+                target, ok = common.grpc_address(url), slimserve_ok(url)
+                check_answer(target, "mlp", inputs, models.MLP_OUTPUT, expected)
+                marker = f"--port\0{url.rsplit(':', 1)[1]}\0"
+                before, cpu0 = ok(), cpu_seconds(marker)
+                r = h2load(target, body, concurrency=args.concurrency, seconds=args.seconds, cpus="1", name=name)
+                cpu = cpu_seconds(marker) - cpu0
+                counted(r, before, ok())
+                r.extra.update(round=rnd, server_cpu_ms_per_call=1e3 * cpu / r.extra["server_counted"])
+                results.append(r)
+                print(
+                    f"loop round {rnd}: {r.line()} ({r.extra['server_cpu_ms_per_call']:.3f} CPU-ms per call)",
+                    flush=True,
+                )
+    uv = [r for r in results if r.target.endswith("auto")]
+    aio = [r for r in results if r.target.endswith("asyncio")]
+    ratios = [a.throughput / b.throughput for a, b in zip(uv, aio, strict=True)]
+    cpu = [b.extra["server_cpu_ms_per_call"] / a.extra["server_cpu_ms_per_call"] for a, b in zip(uv, aio, strict=True)]
+    line = (
+        f"event loop, gRPC c={args.concurrency}: uvloop / asyncio throughput per round "
+        f"{', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f}x); asyncio's CPU per call / "
+        f"uvloop's: median {statistics.median(cpu):.2f}x"
+    )
+    return results, [line]
+
+
 def part_tail(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -438,6 +482,7 @@ def main() -> None:
             "peers": lambda: part_peers(args, model),
             "c1": lambda: part_c1(args, model),
             "tail": lambda: part_tail(args),
+            "loop": lambda: part_loop(args, model),
         }[part]()
         results += rs
         lines += ls
