@@ -17,9 +17,10 @@ Servers on core 0, h2load (1 thread) on core 1 (``taskset``). Parts (all by defa
   eight connections, one call in flight on each), slimserve and MLServer interleaved for ``--rounds`` rounds.
   Bar: slimserve >= 1.5x MLServer's throughput (both the ratio of the medians and the median of the per-round
   ratios) with a lower median p99.
-- ``c1``: slimserve REST vs gRPC at concurrency 1, perf_analyzer for both (-i http binary tensors, -i grpc: the
-  same C++ client), interleaved rounds, against in-process ``InferenceSession.run``. Bar: gRPC adds no more
-  than REST (the per-round difference of the p50s, median and range).
+- ``c1``: slimserve REST vs gRPC at concurrency 1, against in-process ``InferenceSession.run``, by two client
+  pairs in rotating order each round: perf_analyzer -i http (binary tensors) / -i grpc, and h2load over REST
+  (``--h1``, binary tensor body) / gRPC; with the server's CPU per call. Bar: gRPC adds no more than REST (the
+  per-round difference of the p50s, median and range).
 - ``loop`` (not in the default parts): slimserve with SLIMSERVE_EVENT_LOOP=auto (uvloop) against asyncio, gRPC at
   c=8, interleaved rounds.
 - ``tail``: the digits CNN (bench/tail.py's config), batch 1, gRPC at concurrency 32 with h2load. Bar: p99 <= 3x
