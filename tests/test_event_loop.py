@@ -7,7 +7,6 @@ import signal
 
 import numpy as np
 import pytest
-import uvloop
 from pydantic import ValidationError
 
 from service.server import _loop_factory
@@ -16,6 +15,7 @@ from tests.conftest import ServerFactory, upload
 from tests.onnx_models import mlp, mlp_reference
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+uvloop = pytest.importorskip("uvloop", reason="uvloop (uvicorn[standard]) is not installed")
 
 
 def test_the_setting_picks_the_loop() -> None:
