@@ -11,6 +11,9 @@ core 0, load generators on core 1 (``taskset``).
   the in-process p50 is no more than REST's.
 
     flock /tmp/slimserve-bench.lock .venv/bin/python bench/grpc_peers.py [--seconds 6] [--rounds 3]
+
+The Python client limits the c=8 comparison (it spends about as much CPU per call as the servers):
+bench/grpc_h2load.py retakes these bars with h2load, a C client (docs/benchmarks/grpc-h2load.md).
 """
 
 from __future__ import annotations

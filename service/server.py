@@ -5,6 +5,11 @@ only the last would stop): SIGTERM or SIGINT marks the service not-ready (so loa
 work), stops every listener from accepting, lets in-flight requests finish (bounded by
 ``shutdown_timeout_s``), then runs the app's shutdown: job workers put their running job back in the
 queue and exit, schedulers stop.
+
+The event loop (SLIMSERVE_EVENT_LOOP, default ``auto``) is uvloop's when it is installed (``uvicorn[standard]``
+brings it): what uvicorn itself picks with its default ``loop="auto"``, which ``asyncio.run`` here would bypass.
+Every request hands its batch's result back from a scheduler thread to the loop and grpc.aio schedules several
+callbacks per call, so the loop's own cost is on the hot path of both protocols (docs/benchmarks/grpc-h2load.md).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import orjson
@@ -64,6 +69,16 @@ class _Server(uvicorn.Server):
         yield  # signals are handled once for all listeners, in serve()
 
 
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:  # a platform without uvloop: asyncio's default loop
+        return None
+    return uvloop.new_event_loop
+
+
 def serve(app: FastAPI, settings: Settings) -> None:
     ports = [settings.port]
     for extra in (settings.management_port, settings.metrics_port):
@@ -108,7 +123,8 @@ def serve(app: FastAPI, settings: Settings) -> None:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            runner.run(main())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -88,6 +89,8 @@ class Settings(BaseSettings):
     shadow_queue_size: int = Field(256, ge=1, le=65536)
     #: uvicorn's log level
     log_level: str = "info"
+    #: the event loop: "auto" (uvloop when installed, as uvicorn picks) or "asyncio" (the standard library's)
+    event_loop: Literal["auto", "asyncio"] = "auto"
 
     #: job worker processes the server starts itself (0: run `slimserve worker` separately)
     job_workers: int = Field(1, ge=0, le=16)
