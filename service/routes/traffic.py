@@ -32,7 +32,7 @@ def _view(ctx: AppContext, rec: TrafficPolicyRecord) -> dict[str, Any]:
     return out
 
 
-@router.put(PATH, responses=errors(401, 404, 422))
+@router.put(PATH, responses=errors(400, 401, 404, 422))  # 400: a body that is not JSON
 async def set_policy(request: Request, name: str, version: int, body: TrafficPolicy) -> dict[str, Any]:
     """Set the version's traffic policy: the split of plain-name requests over its ready variants, the
     fraction of requests mirrored to each shadow candidate, an optional sticky key and promotion rules."""
