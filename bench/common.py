@@ -356,11 +356,16 @@ def wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
-def need_wrk() -> str:
-    exe = shutil.which("wrk")
+def need_tool(name: str, package: str) -> str:
+    """The path of a load generator, or exit saying which Debian package has it."""
+    exe = shutil.which(name)
     if exe is None:
-        raise SystemExit("wrk is not installed: apt-get install -y wrk (Debian package)")
+        raise SystemExit(f"{name} is not installed: apt-get install -y {package} (Debian package)")
     return exe
+
+
+def need_wrk() -> str:
+    return need_tool("wrk", "wrk")
 
 
 def wrk(

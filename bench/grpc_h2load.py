@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import statistics
 import struct
 import subprocess
@@ -77,10 +76,7 @@ def grpc_frame(model: str, inputs: dict[str, np.ndarray]) -> bytes:
 
 
 def need_h2load() -> str:
-    exe = shutil.which("h2load")
-    if exe is None:
-        raise SystemExit("h2load is not installed: apt-get install -y nghttp2-client (Debian package)")
-    return exe
+    return common.need_tool("h2load", "nghttp2-client")
 
 
 def h2load(

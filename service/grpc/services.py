@@ -107,13 +107,6 @@ R = TypeVar("R")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
-    for k, v in context.invocation_metadata() or ():
-        if k == key:
-            return v if isinstance(v, str) else v.decode("latin-1")
-    return ""
-
-
 def rpc(admin: bool = False) -> Callable[[Handler[R]], Handler[R]]:
     """Checks the caller's token, and turns an ``ApiError`` (or an unexpected error: INTERNAL, logged) into the
     call's status with the error's message."""
@@ -145,9 +138,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def authorize(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
         settings = self.ctx.settings
         if admin:
-            check_admin(settings, _metadata(context, "authorization"))
+            check_admin(settings, _call_metadata(context).get("authorization", ""))
         elif settings.inference_token is not None:  # an open server skips reading the call's metadata (hot path)
-            check_inference(settings, _metadata(context, "authorization"))
+            check_inference(settings, _call_metadata(context).get("authorization", ""))
 
     # -- health and metadata (open, as the REST health routes: probes carry no token) -------------------------
 

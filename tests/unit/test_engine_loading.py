@@ -12,7 +12,6 @@ failure, retry, the swap -- is the production code.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +42,6 @@ X = np.ones((2, 4), np.float32)
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path, intra_op_threads=1)
-
-
-@pytest.fixture
-def store(settings: Settings) -> Iterator[ModelStore]:
-    s = settings.open_store()
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,6 @@ from tests.onnx_models import expand_by_input, mlp, reshape_by_input, split_by_s
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path, sync_interval_s=2.0, intra_op_threads=1)
-
-
-@pytest.fixture
-def store(settings: Settings) -> Iterator[ModelStore]:
-    s = settings.open_store()
-    yield s
-    s.close()
 
 
 @pytest.fixture
