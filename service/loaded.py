@@ -418,6 +418,7 @@ class LoadedVariants:
                 preferred_batch_sizes=tuple(bcfg.preferred_batch_sizes),
                 max_queue_size=bcfg.max_queue_size or self.settings.default_max_queue_size,
                 default_timeout_ns=bcfg.default_timeout_us * 1000 if bcfg.default_timeout_us else None,
+                inline_max_ns=self.settings.inline_max_us * 1000,
             ),
             vm,
             stats,
