@@ -73,6 +73,13 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.inline_executions = Counter(
+            "slimserve_inline_executions_total",
+            "Backend executions run on the event loop instead of an instance thread: a lone request predicted to "
+            "compute within SLIMSERVE_INLINE_MAX_US (also counted in slimserve_batch_size, as batches of one request).",
+            LABELS,
+            registry=r,
+        )
         self.requests = Counter(
             "slimserve_requests_total",
             "Inference requests by outcome (success, client_error, server_error, rejected, timeout).",
@@ -166,6 +173,7 @@ class Metrics:
             queue=self.queue_duration.labels(*lv),
             compute=self.compute_duration.labels(*lv),
             batch=self.batch_size.labels(*lv),
+            inline=self.inline_executions.labels(*lv),
             queue_depth=self.queue_depth.labels(*lv),
             load=self.load_duration.labels(*lv),
             size=self.variant_size.labels(*lv),
@@ -193,6 +201,7 @@ class Metrics:
             self.queue_duration,
             self.compute_duration,
             self.batch_size,
+            self.inline_executions,
             self.queue_depth,
             self.load_duration,
             self.variant_size,
@@ -231,6 +240,7 @@ class VariantMetrics:
     queue: Histogram
     compute: Histogram
     batch: Histogram
+    inline: Counter
     queue_depth: Gauge
     load: Histogram
     size: Gauge

@@ -34,7 +34,6 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +119,10 @@ class _Pending:
     deadline_ns: int | None
     future: asyncio.Future[dict[str, np.ndarray]]
     loop: asyncio.AbstractEventLoop
+
+
+#: a request and what it gets: its outputs, or the error to raise
+_Outcome = tuple[_Pending, dict[str, np.ndarray] | None, BaseException | None]
 
 
 @dataclass(frozen=True)
@@ -211,13 +214,13 @@ class Scheduler:
                 self._queue.append(p)
                 self._cond.notify()
         if lent >= 0:
+            self.metrics.inline.inc()
+            cost = None
             try:
-                self._run(self._instances[lent], [p], _set_now)
+                ((_, result, exc),), cost = self._run(self._instances[lent], [p])
+                _set(p.future, result, exc)
             finally:
-                with self._cond:
-                    self._busy[lent] = False
-                    if self._queue or self._stopped:
-                        self._cond.notify_all()  # the lent instance's thread may be the one a request waits for
+                self._release(lent, cost)
             return p.future
         self.metrics.queue_depth.inc()
         return p.future
@@ -229,21 +232,11 @@ class Scheduler:
         elements = sum(a.size for a in inputs.values())
         return self._ns_per_element * elements <= self.config.inline_max_ns
 
-    def _learn_cost(self, compute_ns: int, inputs: dict[str, np.ndarray]) -> None:
-        per_element = compute_ns / max(1, sum(a.size for a in inputs.values()))
-        with self._cond:
-            if self._cost_samples == 0:
-                self._ns_per_element = per_element
-            else:
-                self._ns_per_element += _INLINE_EWMA_WEIGHT * (per_element - self._ns_per_element)
-            self._cost_samples += 1
-
     # -- instance threads -------------------------------------------------------------------------------
 
     def _take_batch(self, i: int) -> list[_Pending] | None:
         cfg = self.config
         with self._cond:
-            self._busy[i] = False  # back from its last batch
             while (not self._queue or self._busy[i]) and not self._stopped:
                 self._cond.wait()
             if self._stopped:
@@ -293,21 +286,38 @@ class Scheduler:
             if batch is None:
                 return
             self.metrics.queue_depth.dec(len(batch))
-            self._run(backend, batch, _resolve)
+            outcomes, cost = self._run(backend, batch)
+            self._release(i, cost)  # before the answers go out: the next request may already borrow the instance
+            for p, result, exc in outcomes:
+                _resolve(p, result, exc)
 
-    def _run(self, backend: Backend, batch: list[_Pending], resolve: Callable[..., None]) -> None:
-        """Run a batch and resolve its requests' futures: by ``_resolve`` from an instance thread, by
-        ``_set_now`` on the event loop (an inline run)."""
+    def _release(self, i: int, cost: float | None) -> None:
+        """Instance ``i`` is free again; learn the compute cost of a single-request execution (ns per element)."""
+        with self._cond:
+            self._busy[i] = False
+            if cost is not None:
+                if self._cost_samples == 0:
+                    self._ns_per_element = cost
+                else:
+                    self._ns_per_element += _INLINE_EWMA_WEIGHT * (cost - self._ns_per_element)
+                self._cost_samples += 1
+            if self._queue or self._stopped:
+                self._cond.notify_all()  # a request may wait for this very instance (its thread skipped a wake-up)
+
+    def _run(self, backend: Backend, batch: list[_Pending]) -> tuple[list[_Outcome], float | None]:
+        """Run a batch and do its accounting. Returns each request's outcome, for the caller to deliver, and the
+        compute time per input element when the batch was one request (what predicts inline costs), else None."""
         m = self.metrics
         start = time.perf_counter_ns()
+        outcomes: list[_Outcome] = []
         live: list[_Pending] = []
         for p in batch:
             if p.deadline_ns is not None and start > p.deadline_ns:
-                resolve(p, exc=QueueTimeout("the request timed out in the queue", retry_after=1))
+                outcomes.append((p, None, QueueTimeout("the request timed out in the queue", retry_after=1)))
             else:
                 live.append(p)
         if not live:
-            return
+            return outcomes, None
         try:
             if len(live) == 1:
                 feeds = live[0].inputs
@@ -319,16 +329,10 @@ class Scheduler:
             parts = [outs] if len(live) == 1 else _split(outs, [p.rows for p in live])
             t_out = time.perf_counter_ns()
         except InvalidInput as e:  # the runtime refused the caller's values: the caller's fault
-            for p in live:
-                resolve(p, exc=BadRequest(f"the model refused the input: {e}"))
-            return
+            return outcomes + [(p, None, BadRequest(f"the model refused the input: {e}")) for p in live], None
         except Exception as e:  # the runtime failed, or the outputs do not split: ours; never kill the thread
-            for p in live:
-                resolve(p, exc=InternalError(_describe(e)))
-            return
+            return outcomes + [(p, None, InternalError(_describe(e))) for p in live], None
         n = len(live)
-        if n == 1 and self._inline:
-            self._learn_cost(t_inf - t_in, feeds)
         rows = sum(p.rows for p in live)
         compute_s = (t_inf - t_in) / 1e9
         st = self.stats
@@ -351,7 +355,9 @@ class Scheduler:
         for p, out in zip(live, parts, strict=True):
             m.queue.observe((start - p.enqueued_ns) / 1e9)
             m.compute.observe(compute_s)
-            resolve(p, result=out)
+            outcomes.append((p, out, None))
+        cost = (t_inf - t_in) / max(1, sum(a.size for a in feeds.values())) if n == 1 and self._inline else None
+        return outcomes, cost
 
     def stop(self) -> None:
         with self._cond:
@@ -403,10 +409,6 @@ def _set(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> No
         fut.set_exception(exc)
     else:
         fut.set_result(result)
-
-
-def _set_now(p: _Pending, result: Any = None, exc: BaseException | None = None) -> None:
-    _set(p.future, result, exc)
 
 
 def _resolve(p: _Pending, result: Any = None, exc: BaseException | None = None) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Server, upload
+from tests.conftest import Server, ServerFactory, upload
 from tests.onnx_models import dynamic_identity, mlp, mlp_reference
 
 
@@ -110,3 +111,42 @@ def test_instances_serve_in_parallel(server: Server, instances: int) -> None:
     for x, r in zip(xs, asyncio.run(_post_all(server.url, f"inst-{instances}", [_body(x) for x in xs])), strict=True):
         probs = next(o for o in r.json()["outputs"] if o["name"] == "probs")
         np.testing.assert_allclose(np.array(probs["data"]).reshape(2, 3), mlp_reference(x), rtol=1e-5, atol=1e-6)
+
+
+def _inline_runs(metrics: str, model: str) -> float:
+    found = re.search(rf'^slimserve_inline_executions_total\{{[^}}]*model="{model}"[^}}]*\}} (\S+)$', metrics, re.M)
+    assert found, f"no inline series for {model}"
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("limit_us", ["1000000", "0"])
+def test_a_small_models_lone_requests_run_inline_unless_off(server_factory: ServerFactory, limit_us: str) -> None:
+    """Past its learning requests, a small model's lone requests run on the event loop, on both protocols, with the
+    same answers and the same accounting; SLIMSERVE_INLINE_MAX_US=0 turns it off. The limit is set far above
+    what the MLP costs (1 s), so a slow moment on a shared machine does not decide the outcome."""
+    import tritonclient.grpc as tc
+
+    srv = server_factory(SLIMSERVE_INLINE_MAX_US=limit_us)
+    xs = [np.full((1, 4), i / 10, np.float32) for i in range(16)]
+    with srv.client() as c:
+        assert upload(c, "tiny", mlp()).status_code == 201
+        for x in xs[:12]:
+            r = c.post("/v2/models/tiny/infer", json=_body(x))
+            assert r.status_code == 200, r.text
+            probs = next(o for o in r.json()["outputs"] if o["name"] == "probs")
+            np.testing.assert_allclose(np.array(probs["data"]).reshape(1, 3), mlp_reference(x), rtol=1e-5, atol=1e-6)
+        client = tc.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+        try:
+            for x in xs[12:]:
+                item = tc.InferInput("x", [1, 4], "FP32")
+                item.set_data_from_numpy(x)
+                got = client.infer("tiny", [item]).as_numpy("probs")
+                np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-5, atol=1e-6)
+        finally:
+            client.close()
+        inline = _inline_runs(c.get("/metrics").text, "tiny")
+        st = c.get("/v2/models/tiny/stats").json()["model_stats"][0]
+    # warm-up runs outside the scheduler; the first 8 requests teach it the model's cost on the instance thread
+    assert inline == (8 if limit_us != "0" else 0)
+    assert st["execution_count"] == st["inference_count"] == len(xs)
+    assert st["inference_stats"]["success"]["count"] == len(xs)

@@ -1,9 +1,10 @@
 """Inline runs: a cheap lone request runs on the event loop instead of an instance thread (service/scheduler.py).
 
 Which thread ran an inference is observable: ``Recording`` wraps a real ONNX Runtime backend and notes the
-thread of every call, and an inline run's future is already resolved when ``submit`` returns. Every test learns
-the model's cost the way the server does, from single-request executions on the instance thread, so nothing
-here depends on how fast this machine is: limits are set far above (or below) what was measured.
+thread of every call, and an inline run's future is already resolved when ``submit`` returns. An instance
+thread frees its instance before it hands the answer back, so the request after an awaited one finds it idle: no
+race. Every test learns the model's cost the way the server does, from single-request executions on the instance
+thread, so nothing here depends on how fast this machine is: limits are set far above (or below) what was measured.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def test_a_lone_cheap_request_runs_on_the_event_loop_with_its_accounting() -> No
         assert st.execution_count == _INLINE_MIN_SAMPLES + 1 and st.inference_count == _INLINE_MIN_SAMPLES + 2
         assert st.queue.count == _INLINE_MIN_SAMPLES + 1 and sorted(st.batch) == [1, 2]
         assert s.metrics.queue_depth._value.get() == 0
+        assert s.metrics.inline._value.get() == 1
         assert s._busy == [False]
     finally:
         s.stop()
