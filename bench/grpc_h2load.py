@@ -21,8 +21,9 @@ Servers on core 0, h2load (1 thread) on core 1 (``taskset``). Parts (all by defa
   pairs in rotating order each round: perf_analyzer -i http (binary tensors) / -i grpc, and h2load over REST
   (``--h1``, binary tensor body) / gRPC; with the server's CPU per call. Bar: gRPC adds no more than REST (the
   per-round difference of the p50s, median and range).
-- ``loop`` (not in the default parts): slimserve with SLIMSERVE_EVENT_LOOP=auto (uvloop) against asyncio, gRPC at
-  c=8, interleaved rounds.
+- ``loop`` and ``inline`` (not in the default parts): two slimserve servers that differ in one setting, gRPC at
+  c=8, interleaved rounds: SLIMSERVE_EVENT_LOOP=auto (uvloop) against asyncio, SLIMSERVE_INLINE_MAX_US=100 (inline
+  runs of a cheap lone request, the default) against 0 (every request through an instance thread).
 - ``tail``: the digits CNN (bench/tail.py's config), batch 1, gRPC at concurrency 32 with h2load. Bar: p99 <= 3x
   p50.
 
@@ -183,6 +184,9 @@ def slimserve_ok(url: str, protocol: str = "grpc") -> Callable[[], float]:
         r"([\d.e+]+)$"
     )
     return lambda: _counter(f"{url}/metrics", pattern)
+
+
+INLINE_SERIES = r"^slimserve_inline_executions_total\{[^}]*\} ([\d.e+]+)$"
 
 
 def mlserver_ok(metrics_url: str) -> Callable[[], float]:
@@ -385,20 +389,28 @@ def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[s
     return [*results, inproc], lines
 
 
-def part_loop(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[str]]:
-    """slimserve on uvloop (SLIMSERVE_EVENT_LOOP=auto) against asyncio's loop, gRPC at c=8, interleaved rounds."""
+#: the A/B parts: a setting, its two values (the first is the default), and what each value is called
+AB_PARTS = {
+    "loop": ("SLIMSERVE_EVENT_LOOP", ("auto", "asyncio"), "event loop: uvloop / asyncio"),
+    "inline": ("SLIMSERVE_INLINE_MAX_US", ("100", "0"), "inline runs: on (100 us) / off"),
+}
+
+
+def part_ab(args: argparse.Namespace, model: Path, part: str) -> tuple[list[Result], list[str]]:
+    """Two slimserve servers that differ in one setting (AB_PARTS), gRPC at c=8, interleaved rounds."""
+    var, values, title = AB_PARTS[part]
     inputs = models.mlp_input(1)
     expected = peers._reference(model, inputs)
     body = grpc_frame("mlp", inputs)
     results: list[Result] = []
     with contextlib.ExitStack() as stack:
         urls = {}
-        for loop in ("auto", "asyncio"):
-            os.environ["SLIMSERVE_EVENT_LOOP"] = loop  # the child server reads it (common.slimserve copies environ)
+        for value in values:
+            os.environ[var] = value  # the child server reads it (common.slimserve copies environ)
             try:
-                urls[f"slimserve loop={loop}"] = stack.enter_context(peers.slimserve_server(model, "0"))
+                urls[f"slimserve {var}={value}"] = stack.enter_context(peers.slimserve_server(model, "0"))
             finally:
-                del os.environ["SLIMSERVE_EVENT_LOOP"]
+                del os.environ[var]
         for rnd in range(args.rounds):
             for name in list(urls)[rnd % 2 :] + list(urls)[: rnd % 2]:
                 url = urls[name]
@@ -412,17 +424,20 @@ def part_loop(args: argparse.Namespace, model: Path) -> tuple[list[Result], list
                 r.extra.update(round=rnd, server_cpu_ms_per_call=1e3 * cpu / r.extra["server_counted"])
                 results.append(r)
                 print(
-                    f"loop round {rnd}: {r.line()} ({r.extra['server_cpu_ms_per_call']:.3f} CPU-ms per call)",
+                    f"{part} round {rnd}: {r.line()} ({r.extra['server_cpu_ms_per_call']:.3f} CPU-ms per call)",
                     flush=True,
                 )
-    uv = [r for r in results if r.target.endswith("auto")]
-    aio = [r for r in results if r.target.endswith("asyncio")]
-    ratios = [a.throughput / b.throughput for a, b in zip(uv, aio, strict=True)]
-    cpu = [b.extra["server_cpu_ms_per_call"] / a.extra["server_cpu_ms_per_call"] for a, b in zip(uv, aio, strict=True)]
+        # how many executions each server ran on its event loop, of the requests it answered
+        inline = {name: (_counter(f"{url}/metrics", INLINE_SERIES), slimserve_ok(url)()) for name, url in urls.items()}
+    a = [r for r in results if r.target.endswith(f"={values[0]}")]
+    b = [r for r in results if r.target.endswith(f"={values[1]}")]
+    ratios = [x.throughput / y.throughput for x, y in zip(a, b, strict=True)]
+    cpu = [y.extra["server_cpu_ms_per_call"] / x.extra["server_cpu_ms_per_call"] for x, y in zip(a, b, strict=True)]
     line = (
-        f"event loop, gRPC c={args.concurrency}: uvloop / asyncio throughput per round "
-        f"{', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f}x); asyncio's CPU per call / "
-        f"uvloop's: median {statistics.median(cpu):.2f}x"
+        f"{title}, gRPC c={args.concurrency}: throughput ratio per round "
+        f"{', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f}x); CPU per call "
+        f"{var}={values[1]} / {var}={values[0]}: median {statistics.median(cpu):.2f}x; inline executions / gRPC "
+        f"successes: {', '.join(f'{n} {i:,.0f} / {ok:,.0f}' for n, (i, ok) in inline.items())}"
     )
     return results, [line]
 
@@ -479,7 +494,8 @@ def main() -> None:
             "peers": lambda: part_peers(args, model),
             "c1": lambda: part_c1(args, model),
             "tail": lambda: part_tail(args),
-            "loop": lambda: part_loop(args, model),
+            "loop": lambda: part_ab(args, model, "loop"),
+            "inline": lambda: part_ab(args, model, "inline"),
         }[part]()
         results += rs
         lines += ls
