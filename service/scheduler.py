@@ -81,6 +81,28 @@ class Stats:
     batch: dict[int, tuple[_Duration, _Duration, _Duration]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def record(self, rows: int, start: int, t_in: int, t_inf: int, t_out: int, enqueued: list[int]) -> None:
+        """One execution of ``len(enqueued)`` requests carrying ``rows`` rows (perf_counter_ns marks: batch start,
+        inputs ready, inference done, outputs split). One method, attributes updated in place: the hot path."""
+        n = len(enqueued)
+        ready, infer, out = t_in - start, t_inf - t_in, t_out - t_inf
+        with self.lock:
+            self.execution_count += 1
+            self.inference_count += rows
+            self.compute_input.add(ready, n)
+            self.compute_infer.add(infer, n)
+            self.compute_output.add(out, n)
+            queue = self.queue
+            queue.count += n
+            queue.ns += start * n - sum(enqueued)
+            bs = self.batch.get(rows)
+            if bs is None:
+                bs = self.batch[rows] = (_Duration(), _Duration(), _Duration())
+            bs[0].add(ready)
+            bs[1].add(infer)
+            bs[2].add(out)
+            self.last_inference_ms = time.time_ns() // 1_000_000
+
     def to_dict(self) -> dict[str, Any]:
         with self.lock:
             return {
@@ -114,11 +136,11 @@ class _Pending:
     inputs: dict[str, np.ndarray]
     outputs: tuple[str, ...] | None
     rows: int
-    key: tuple[Any, ...]
+    key: tuple[Any, ...] | None  # what a batch's requests share (None: an inline run, never batched)
     enqueued_ns: int
     deadline_ns: int | None
     future: asyncio.Future[dict[str, np.ndarray]]
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop | None = None  # None: an inline run, resolved on the loop itself
 
 
 #: a request and what it gets: its outputs, or the error to raise
@@ -189,48 +211,50 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         now = time.perf_counter_ns()
         timeout_ns = timeout_ns or self.config.default_timeout_ns
+        deadline = now + timeout_ns if timeout_ns else None
+        if self._inline:
+            lent = self._lend(inputs)
+            if lent >= 0:
+                p = _Pending(inputs, outputs, rows, None, now, deadline, loop.create_future())
+                return self._run_inline(lent, p)
         key = (
             tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()) if self._merge else None,
             outputs,
         )
-        p = _Pending(
-            inputs, outputs, rows, key, now, now + timeout_ns if timeout_ns else None, loop.create_future(), loop
-        )
-        lent = -1
+        p = _Pending(inputs, outputs, rows, key, now, deadline, loop.create_future(), loop)
         with self._cond:
             if self._stopped:
                 raise Unavailable("the model is being unloaded", retry_after=1)
-            if self._inline and not self._queue and self._cheap(inputs):
-                with contextlib.suppress(ValueError):
-                    lent = self._busy.index(False)
-                    self._busy[lent] = True
-            if lent >= 0:
-                pass
-            elif len(self._queue) >= self.config.max_queue_size:
+            if len(self._queue) >= self.config.max_queue_size:
                 raise QueueFull(
                     f"the queue of {self.label} is full ({self.config.max_queue_size} requests)", retry_after=1
                 )
-            else:
-                self._queue.append(p)
-                self._cond.notify()
-        if lent >= 0:
-            self.metrics.inline.inc()
-            cost = None
-            try:
-                ((_, result, exc),), cost = self._run(self._instances[lent], [p])
-                _set(p.future, result, exc)
-            finally:
-                self._release(lent, cost)
-            return p.future
+            self._queue.append(p)
+            self._cond.notify()
         self.metrics.queue_depth.inc()
         return p.future
 
-    def _cheap(self, inputs: dict[str, np.ndarray]) -> bool:
-        """The request's predicted compute time is within the inline limit (lock held)."""
-        if self._cost_samples < _INLINE_MIN_SAMPLES:
-            return False
-        elements = sum(a.size for a in inputs.values())
-        return self._ns_per_element * elements <= self.config.inline_max_ns
+    def _lend(self, inputs: dict[str, np.ndarray]) -> int:
+        """The index of an idle instance lent to an inline run of ``inputs``, or -1 when the request must queue."""
+        with self._cond:
+            if self._stopped or self._queue or self._cost_samples < _INLINE_MIN_SAMPLES:
+                return -1
+            elements = sum(a.size for a in inputs.values())
+            if self._ns_per_element * elements > self.config.inline_max_ns or all(self._busy):
+                return -1
+            lent = self._busy.index(False)
+            self._busy[lent] = True
+            return lent
+
+    def _run_inline(self, lent: int, p: _Pending) -> asyncio.Future[dict[str, np.ndarray]]:
+        self.metrics.inline.inc()
+        cost = None
+        try:
+            ((_, result, exc),), cost = self._run(self._instances[lent], [p])
+            _set(p.future, result, exc)
+        finally:
+            self._release(lent, cost)
+        return p.future
 
     # -- instance threads -------------------------------------------------------------------------------
 
@@ -334,29 +358,15 @@ class Scheduler:
             return outcomes + [(p, None, InternalError(_describe(e))) for p in live], None
         n = len(live)
         rows = sum(p.rows for p in live)
-        compute_s = (t_inf - t_in) / 1e9
-        st = self.stats
-        with st.lock:
-            st.execution_count += 1
-            st.inference_count += rows
-            st.compute_input.add(t_in - start, n)
-            st.compute_infer.add(t_inf - t_in, n)
-            st.compute_output.add(t_out - t_inf, n)
-            for p in live:
-                st.queue.add(start - p.enqueued_ns)
-            bs = st.batch.get(rows)
-            if bs is None:
-                bs = st.batch[rows] = (_Duration(), _Duration(), _Duration())
-            bs[0].add(t_in - start)
-            bs[1].add(t_inf - t_in)
-            bs[2].add(t_out - t_inf)
-            st.last_inference_ms = time.time_ns() // 1_000_000
+        compute_ns = t_inf - t_in
+        compute_s = compute_ns / 1e9
+        self.stats.record(rows, start, t_in, t_inf, t_out, [p.enqueued_ns for p in live])
         m.batch.observe(rows)
         for p, out in zip(live, parts, strict=True):
             m.queue.observe((start - p.enqueued_ns) / 1e9)
             m.compute.observe(compute_s)
             outcomes.append((p, out, None))
-        cost = (t_inf - t_in) / max(1, sum(a.size for a in feeds.values())) if n == 1 and self._inline else None
+        cost = compute_ns / max(1, sum(a.size for a in feeds.values())) if n == 1 and self._inline else None
         return outcomes, cost
 
     def stop(self) -> None:
@@ -413,5 +423,6 @@ def _set(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> No
 
 def _resolve(p: _Pending, result: Any = None, exc: BaseException | None = None) -> None:
     # RuntimeError: the event loop is closed, nobody is waiting any more
+    assert p.loop is not None, "an inline run resolves its future itself"
     with contextlib.suppress(RuntimeError):
         p.loop.call_soon_threadsafe(_set, p.future, result, exc)
