@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Callable, Generator
 from typing import Any
@@ -27,6 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.settings import Settings
 from service.transport import HeaderLimits, protocol_class
+
+log = logging.getLogger("slimserve.server")
 
 MANAGEMENT_PREFIXES = ("/v1/", "/v2/repository", "/docs", "/redoc", "/openapi.json")
 
@@ -115,6 +118,8 @@ def serve(app: FastAPI, settings: Settings) -> None:
             s.should_exit = True
 
     async def main() -> None:
+        loop = type(asyncio.get_running_loop())
+        log.info("event loop: %s.%s (SLIMSERVE_EVENT_LOOP=%s)", loop.__module__, loop.__qualname__, settings.event_loop)
         # The primary listener runs the lifespan (loading models); the others start once it is up.
         primary = asyncio.create_task(servers[0].serve())
         while not servers[0].started and not primary.done():

@@ -46,3 +46,6 @@ def test_each_loop_serves_both_protocols_and_drains(server_factory: ServerFactor
         client.close()
     srv.stop(signal.SIGTERM)
     assert srv.proc is not None and srv.proc.returncode == 0
+    assert srv.log is not None
+    ran = "uvloop.Loop" if loop == "auto" else "asyncio.unix_events."
+    assert f"event loop: {ran}" in srv.log.read_text()  # the loop the server really ran, as it logged it
