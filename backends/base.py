@@ -55,6 +55,10 @@ class Backend(ABC):
 
     #: stable label used in metrics and metadata, e.g. "onnxruntime-cpu"
     name: str = "abstract"
+    #: one inference's work is bounded by its inputs' shapes, and it runs on the host in microseconds when the
+    #: model is small: a scheduler may run a cheap request on its caller's thread (service/scheduler.py, "Inline
+    #: runs"). False unless a backend knows it (onnx_model.compute_bounded_by_shapes on the CPU)
+    inline_safe: bool = False
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 

@@ -365,6 +365,41 @@ def _check_runtime_sizes(model: ModelProto) -> None:
     _check_loops(inferred)
 
 
+#: control flow: how long it runs is decided by values (a trip count, a condition, a branch)
+_VALUE_DRIVEN_OPS = frozenset({"Loop", "Scan", "If"})
+#: operators whose output size is an input's values, by the index of that input (a constant there is harmless)
+_SIZE_INPUTS = {
+    "Range": (0, 1, 2),
+    "ConstantOfShape": (0,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Resize": (2, 3),
+    "Upsample": (1,),
+    "OneHot": (1,),
+    "Pad": (1,),
+    "CenterCropPad": (1,),
+}
+
+
+def compute_bounded_by_shapes(model: ModelProto) -> bool:
+    """True when one inference's work is bounded by its inputs' shapes: no control flow, and no operator whose
+    output size comes from a tensor computed at run time (``Range`` up to an input's value, ``Expand`` to a
+    shape read from the input...). Then a request's cost can be predicted from its element count, which is what
+    lets a scheduler run a cheap request on the event loop (service/scheduler.py); otherwise a request with
+    small inputs could compute for seconds there. Conservative: a size computed from shapes (``Shape`` ->
+    ``Expand``) counts as run-time too."""
+    consts = _constants(model)
+    for n in _all_nodes(model):
+        if n.domain not in ("", "ai.onnx", "ai.onnx.ml", "com.microsoft"):
+            return False  # a model-local function's call: not analysed here
+        if n.op_type in _VALUE_DRIVEN_OPS:
+            return False
+        for i in _SIZE_INPUTS.get(n.op_type, ()):
+            if i < len(n.input) and n.input[i] and n.input[i] not in consts:
+                return False
+    return True
+
+
 def model_interface(model: ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The model's input and output specs, without validating the rest (microseconds, not the ~100 ms of
     ``inspect_model`` on a large model). For artifacts that were validated when they entered the store."""

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, BackendError, BackendOptions, BackendUnavailable, InvalidInput, WarmupTimeout
-from backends.onnx_model import model_interface, parse_model
+from backends.onnx_model import compute_bounded_by_shapes, model_interface, parse_model
 
 try:
     import onnxruntime as ort
@@ -42,7 +42,10 @@ class OnnxRuntimeBackend(Backend):
         data = model.read_bytes() if isinstance(model, Path) else model
         # Untrusted bytes were validated in full (inspect_model) where they entered the store; a backend
         # only needs the interface, and may be built many times (instances, replicas, restarts).
-        inputs, outputs = model_interface(parse_model(data))
+        proto = parse_model(data)
+        inputs, outputs = model_interface(proto)
+        self.inline_safe = compute_bounded_by_shapes(proto)
+        del proto
         self.engine: dict[str, Any] | None = None
         source: bytes | str = data
         so = session_options(opts)

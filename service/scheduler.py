@@ -8,15 +8,18 @@ With a delay of 0 (the default) nothing waits: a batch forms only from requests 
 instances were busy, so an idle server answers at single-request latency and a loaded one batches.
 
 **Inline runs.** Handing a request to an instance thread and its answer back to the event loop costs two thread
-wake-ups, GIL hand-offs and a ``call_soon_threadsafe``: about 0.17 ms of CPU per request, five times what a small
-model's inference costs (docs/benchmarks/grpc-h2load.md). So ``submit`` runs a request on the calling thread (the
-event loop) when that cannot hurt anyone: nothing is queued (no batch to join, no request to overtake), an
-instance is idle (it is borrowed, so no thread runs it meanwhile), the config asks for no queue delay, and the
-request's predicted compute time is at most ``inline_max_ns``. The prediction is an average of the time per input
-element of earlier executions that served one request (inline or on a thread), times the request's elements: a
-larger request is predicted as costlier, never cheaper. Until a few executions are measured nothing runs inline,
-and a model that computes for longer than the limit never does, so a loop blocked by it cannot starve the other
-connections. Inline runs keep every count: queue time 0, compute, batch size 1, Triton's statistics.
+wake-ups, GIL hand-offs and a ``call_soon_threadsafe``: more than a small model's inference (at c=1, inline runs
+save 7% of the server's CPU per call: docs/benchmarks/grpc-h2load.md). So ``submit`` runs a request on the calling
+thread (the event loop) when that cannot hurt anyone: nothing is queued (no batch to join, no request to overtake),
+an instance is idle (it is borrowed, so no thread runs it meanwhile), the config asks for no queue delay, the
+backend's work is bounded by its inputs' shapes (``Backend.inline_safe``: ONNX Runtime on the CPU, for a graph
+without control flow or sizes read from run-time values, so a request with small inputs cannot compute for seconds
+on the loop), and the request's predicted compute time is at most ``inline_max_ns``. The prediction is an average of
+the time per input element of earlier executions that served one request (inline or on a thread), times the
+request's elements: a larger request is predicted as costlier, never cheaper. Until a few executions are measured
+nothing runs inline, and a model that computes for longer than the limit never does, so a loop blocked by it cannot
+starve the other connections. Inline runs keep every count: queue time 0, compute, batch size 1, Triton's
+statistics.
 
 Failures are blamed as Triton and KServe blame them: a runtime that refuses the caller's values
 (``InvalidInput``) answers 400; any other runtime failure, or outputs that cannot be split back into the
@@ -186,7 +189,9 @@ class Scheduler:
         self._merge = config.batching and config.max_batch_size > 1
         #: instance i is running a batch on its thread, or is lent to an inline run (guarded by _cond)
         self._busy = [False] * len(instances)
-        self._inline = config.inline_max_ns > 0 and config.max_queue_delay_ns == 0
+        self._inline = (
+            config.inline_max_ns > 0 and config.max_queue_delay_ns == 0 and all(b.inline_safe for b in instances)
+        )
         #: compute ns per input element of single-request executions (EWMA), and how many were measured
         self._ns_per_element = 0.0
         self._cost_samples = 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Server, ServerFactory, upload
-from tests.onnx_models import dynamic_identity, mlp, mlp_reference
+from tests.onnx_models import dynamic_identity, expand_by_input, mlp, mlp_reference
 
 
 def _body(x: np.ndarray, **params: object) -> dict[str, object]:
@@ -150,3 +150,24 @@ def test_a_small_models_lone_requests_run_inline_unless_off(server_factory: Serv
     assert inline == (8 if limit_us != "0" else 0)
     assert st["execution_count"] == st["inference_count"] == len(xs)
     assert st["inference_stats"]["success"]["count"] == len(xs)
+
+
+def test_a_model_whose_sizes_come_from_request_values_never_runs_on_the_loop(server_factory: ServerFactory) -> None:
+    """Expand to a shape the caller sends: a tiny request could ask for a huge output, so the model's requests stay
+    on the instance thread whatever the limit, and the event loop keeps answering everyone else."""
+    srv = server_factory(SLIMSERVE_INLINE_MAX_US="1000000")
+    cfg = {"warmup": {"inputs": {"shape": {"data": [2, 3]}}}}
+    x = np.arange(3, dtype=np.float32).reshape(1, 3)
+    body = {
+        "inputs": [
+            {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": x.ravel().tolist()},
+            {"name": "shape", "shape": [2], "datatype": "INT64", "data": [2, 3]},
+        ]
+    }
+    with srv.client() as c:
+        assert upload(c, "expand", expand_by_input(), config=json.dumps(cfg)).status_code == 201
+        for _ in range(12):
+            r = c.post("/v2/models/expand/infer", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"][0]["data"] == np.broadcast_to(x, (2, 3)).ravel().tolist()
+        assert _inline_runs(c.get("/metrics").text, "expand") == 0

@@ -35,6 +35,7 @@ class Gated(Backend):
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
+        self.inline_safe = inner.inline_safe
         self.inputs = inner.inputs
         self.outputs = inner.outputs
         self.entered = threading.Event()

@@ -30,6 +30,7 @@ class Recording(Backend):
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
+        self.inline_safe = inner.inline_safe
         self.inputs = inner.inputs
         self.outputs = inner.outputs
         self.calls: list[tuple[str, int]] = []
