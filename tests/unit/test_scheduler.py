@@ -30,7 +30,8 @@ DEADLINE_S = 30.0
 
 
 class Gated(Backend):
-    """A real backend whose next inference waits for the test to open the gate (see the module docstring)."""
+    """A real backend whose next inference waits for the test to open the gate (see the module docstring); it
+    notes the rows and the thread of every inference."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
@@ -42,6 +43,7 @@ class Gated(Backend):
         self.gate = threading.Event()
         self.gate.set()
         self.batches: list[int] = []
+        self.threads: list[str] = []  # the thread of each inference (inline runs: the event loop's)
         self.unloaded = False
 
     def hold(self) -> None:
@@ -52,6 +54,7 @@ class Gated(Backend):
         self.entered.set()
         assert self.gate.wait(DEADLINE_S), "the test never opened the gate"
         self.batches.append(next(iter(inputs.values())).shape[0])
+        self.threads.append(threading.current_thread().name)
         return self.inner.infer(inputs, outputs)
 
     def unload(self) -> None:

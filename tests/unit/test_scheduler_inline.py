@@ -1,7 +1,7 @@
 """Inline runs: a cheap lone request runs on the event loop instead of an instance thread (service/scheduler.py).
 
-Which thread ran an inference is observable: ``Recording`` wraps a real ONNX Runtime backend and notes the
-thread of every call, and an inline run's future is already resolved when ``submit`` returns. An instance
+Which thread ran an inference is observable: ``Gated`` (its gate left open) wraps a real ONNX Runtime backend and
+notes the thread of every call, and an inline run's future is already resolved when ``submit`` returns. An instance
 thread frees its instance before it hands the answer back, so the request after an awaited one finds it idle: no
 race. Every test learns the model's cost the way the server does, from single-request executions on the instance
 thread, so nothing here depends on how fast this machine is: limits are set far above (or below) what was measured.
@@ -24,25 +24,6 @@ from tests.unit.test_scheduler import Gated, _mlp_backend, _queued, _run, _sched
 LOOSE_NS = 10**9  # a limit no MLP request comes near: every request past the learning phase may run inline
 
 
-class Recording(Backend):
-    """A real backend that notes which thread ran each inference, and the rows of each."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.inline_safe = inner.inline_safe
-        self.inputs = inner.inputs
-        self.outputs = inner.outputs
-        self.calls: list[tuple[str, int]] = []
-
-    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        self.calls.append((threading.current_thread().name, next(iter(inputs.values())).shape[0]))
-        return self.inner.infer(inputs, outputs)
-
-    def unload(self) -> None:
-        self.inner.unload()
-
-
 def _learned(backend: Backend, **overrides: Any) -> Scheduler:
     """A scheduler that has measured enough single-request executions to decide on inline runs."""
     s = _scheduler([backend], **overrides)
@@ -56,7 +37,7 @@ def _learned(backend: Backend, **overrides: Any) -> Scheduler:
 
 
 def test_a_lone_cheap_request_runs_on_the_event_loop_with_its_accounting() -> None:
-    rec = Recording(_mlp_backend())
+    rec = Gated(_mlp_backend())
     s = _learned(rec, inline_max_ns=LOOSE_NS)
     loop_thread = threading.current_thread().name
 
@@ -66,11 +47,11 @@ def test_a_lone_cheap_request_runs_on_the_event_loop_with_its_accounting() -> No
         return await fut
 
     try:
-        learning = rec.calls[:_INLINE_MIN_SAMPLES]
-        assert all(name.startswith("slimserve-") for name, _ in learning), "the first requests use the thread"
+        learning = rec.threads[:_INLINE_MIN_SAMPLES]
+        assert all(name.startswith("slimserve-") for name in learning), "the first requests use the thread"
         out = _run(go)
         np.testing.assert_allclose(out["probs"], mlp_reference(_x(2, 99)), rtol=1e-5)
-        assert rec.calls[-1] == (loop_thread, 2)
+        assert (rec.threads[-1], rec.batches[-1]) == (loop_thread, 2)
         st = s.stats
         assert st.execution_count == _INLINE_MIN_SAMPLES + 1 and st.inference_count == _INLINE_MIN_SAMPLES + 2
         assert st.queue.count == _INLINE_MIN_SAMPLES + 1 and sorted(st.batch) == [1, 2]
@@ -82,7 +63,7 @@ def test_a_lone_cheap_request_runs_on_the_event_loop_with_its_accounting() -> No
 
 
 def test_nothing_runs_inline_while_learning_or_with_the_limit_off() -> None:
-    rec = Recording(_mlp_backend())
+    rec = Gated(_mlp_backend())
     s = _learned(rec, inline_max_ns=0)
 
     async def go() -> None:
@@ -91,15 +72,15 @@ def test_nothing_runs_inline_while_learning_or_with_the_limit_off() -> None:
 
     try:
         _run(go)
-        assert len(rec.calls) == _INLINE_MIN_SAMPLES + 4
-        assert all(name.startswith("slimserve-") for name, _ in rec.calls)
+        assert len(rec.threads) == _INLINE_MIN_SAMPLES + 4
+        assert all(name.startswith("slimserve-") for name in rec.threads)
     finally:
         s.stop()
 
 
 def test_a_request_predicted_over_the_limit_goes_to_the_instance_thread() -> None:
     """The prediction scales with the request's elements: a large request is never predicted cheap."""
-    rec = Recording(_mlp_backend())
+    rec = Gated(_mlp_backend())
     s = _learned(rec, inline_max_ns=LOOSE_NS)
     # rows whose predicted cost is twice the limit, from the cost the scheduler measured
     rows = int(2 * LOOSE_NS / (s._ns_per_element * 4)) + 1
@@ -115,8 +96,8 @@ def test_a_request_predicted_over_the_limit_goes_to_the_instance_thread() -> Non
             pytest.skip(f"this runtime measured {s._ns_per_element:.3g} ns per element: no test input is big enough")
         _run(go)
         loop_thread = threading.current_thread().name
-        assert rec.calls[-2] == (loop_thread, small_rows)
-        assert rec.calls[-1][0].startswith("slimserve-") and rec.calls[-1][1] == rows
+        assert (rec.threads[-2], rec.batches[-2]) == (loop_thread, small_rows)
+        assert rec.threads[-1].startswith("slimserve-") and rec.batches[-1] == rows
     finally:
         s.stop()
 
@@ -149,7 +130,7 @@ def test_a_busy_instance_or_a_queue_sends_requests_to_the_thread_and_they_batch(
 
 
 def test_a_config_with_a_queue_delay_never_runs_inline() -> None:
-    rec = Recording(_mlp_backend())
+    rec = Gated(_mlp_backend())
     s = _learned(rec, inline_max_ns=LOOSE_NS, max_queue_delay_ns=1_000)
 
     async def go() -> None:
@@ -157,7 +138,7 @@ def test_a_config_with_a_queue_delay_never_runs_inline() -> None:
 
     try:
         _run(go)
-        assert all(name.startswith("slimserve-") for name, _ in rec.calls)
+        assert all(name.startswith("slimserve-") for name in rec.threads)
     finally:
         s.stop()
 
