@@ -40,8 +40,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from service.errors import ApiError, InternalError, Unavailable
-from service.loaded import LoadedVariants, ServedVariant
+from service.loaded import LoadedVariants
 from service.scheduler import QueueTimeout
+from service.variant_build import ServedVariant
 
 log = logging.getLogger("slimserve.inference")
 

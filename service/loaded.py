@@ -21,60 +21,20 @@ import asyncio
 import contextlib
 import gc
 import logging
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
-from backends import Backend, BackendError, BackendOptions, TensorSpec, WarmupTimeout, is_batchable, load_backend
-from backends.gpu_options import DEFAULT_WORKSPACE_BYTES
+from backends import TensorSpec
 from backends.onnx_model import model_interface, parse_model
 from model_store import EngineRecord, ModelRecord, ModelStore, VariantRecord, VersionRecord
 from service.engine_loader import EngineLoader, EngineNotReady, EngineStatus
 from service.errors import ApiError, BadRequest, NotFound, Unavailable
-from service.metrics import Metrics, VariantMetrics
+from service.metrics import Metrics
 from service.model_config import ModelConfig, for_variant
-from service.scheduler import Scheduler, SchedulerConfig, Stats
 from service.settings import Settings
-from service.warmup import WarmupConfigError, WarmupReport, first_calibration_sample, plan_warmup
-
-if TYPE_CHECKING:
-    from service.traffic import Tap
+from service.variant_build import LoadedInstances, ServedVariant, VariantBuilder
 
 log = logging.getLogger(__name__)
-
-#: ONNX Runtime's and the allocators' words for an allocation that could not be met
-_OUT_OF_MEMORY = ("failed to allocate", "bad_alloc", "out of memory", "memoryerror")
-
-
-@dataclass
-class ServedVariant:
-    model: str
-    version: int
-    variant: str
-    backend: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    input_index: dict[str, TensorSpec]
-    output_names: frozenset[str]
-    max_batch_size: int
-    instances: int
-    scheduler: Scheduler
-    metrics: VariantMetrics
-    stats: Stats
-    record: VariantRecord
-    config: ModelConfig
-    warmup: WarmupReport
-    backend_info: dict[str, Any] = field(default_factory=dict)
-    engine: EngineStatus | None = None  # its engine's state here, for variants whose backend has a builder
-    #: set by ``service.traffic.TrafficRouter`` when the version has a traffic policy (split, shadow, live counters)
-    tap: Tap | None = None
-
-    @property
-    def warmed(self) -> bool:
-        """Warmed at load, or since by its first request (a variant whose made-up warm-up failed)."""
-        return self.warmup.warmed or self.stats.execution_count > 0
 
 
 @dataclass
@@ -83,20 +43,6 @@ class ServedVersion:
     number: int
     default_variant: str
     variants: dict[str, ServedVariant]
-
-
-@dataclass
-class LoadedInstances:
-    """The backend instances of one variant, loaded and warmed up, not yet serving."""
-
-    instances: list[Backend]
-    seconds: float
-    warmup: WarmupReport
-    engine: EngineStatus | None = None
-
-    def unload(self) -> None:
-        for b in self.instances:
-            b.unload()
 
 
 @dataclass
@@ -123,6 +69,7 @@ class LoadedVariants:
         self.store = store
         self.metrics = metrics
         self.engines = EngineLoader(settings, store)
+        self.builder = VariantBuilder(settings, metrics)
         self._versions: dict[tuple[str, int], ServedVersion] = {}
         #: model -> its highest loaded version, kept by _index() so resolve() does no scan per request
         self._latest: dict[str, int] = {}
@@ -301,150 +248,6 @@ class LoadedVariants:
     def load_failure(self, model: str, number: int, variant: str) -> LoadFailure | None:
         return self._failures.get((model, number, variant))
 
-    # -- loading ------------------------------------------------------------------------------------
-
-    def backend_options(self, config: ModelConfig) -> BackendOptions:
-        """The options a variant's backends get: the model's typed tuning, then the server's own values, last,
-        so that nothing in a model's config overrides them (``model_config.SERVER_OWNED``)."""
-        s = self.settings
-        instances = config.instances or s.default_instances
-        tuning = config.backend_options.model_dump(exclude_none=True)
-        workspace = tuning.pop("workspace_bytes", DEFAULT_WORKSPACE_BYTES)
-        server = {
-            "max_batch_size": config.max_batch_size or s.default_max_batch_size,
-            "engine_cache_dir": str(s.data_dir.resolve() / "engines"),
-            "warmup_timeout_s": s.warmup_timeout_s,
-            "device_id": 0,
-            "workspace_bytes": min(workspace, s.max_workspace_bytes),
-        }
-        return BackendOptions(
-            intra_op_threads=config.intra_op_threads or s.threads_per_instance(instances),
-            allow_spinning=config.allow_spinning,
-            precision=config.precision,
-            extra={**tuning, **server},
-        )
-
-    def build_instances(
-        self,
-        model_bytes: bytes,
-        config: ModelConfig,
-        calibration: bytes | Path | None = None,
-        *,
-        strict: bool = False,
-        engine_dir: Path | None = None,
-    ) -> LoadedInstances:
-        """Create and warm up the backend instances for one variant (blocking: call off the loop).
-
-        ``calibration`` is the version's calibration .npz (its first sample is a warm-up sample). ``strict``
-        (uploads): a warm-up that fails on the user's own samples refuses the model; otherwise only a
-        warm-up past its deadline or out of memory does (``_warm``). ``engine_dir``: the variant's prebuilt
-        engine, unpacked (``service.engine_loader``).
-        """
-        t0 = time.perf_counter()
-        opts = self.backend_options(config)
-        if engine_dir is not None:
-            opts.extra["engine_dir"] = str(engine_dir)
-        out: list[Backend] = []
-        try:
-            for _ in range(config.instances or self.settings.default_instances):
-                out.append(load_backend(config.backend, model_bytes, opts))
-            report = self._warm(out, config, calibration, strict)
-        except BaseException:
-            for b in out:
-                b.unload()
-            raise
-        return LoadedInstances(out, time.perf_counter() - t0, report)
-
-    def _warm(
-        self, instances: list[Backend], config: ModelConfig, calibration: bytes | Path | None, strict: bool
-    ) -> WarmupReport:
-        inputs = instances[0].inputs
-        sample = _calibration_sample(calibration, inputs) if calibration is not None else None
-        try:
-            plan = plan_warmup(inputs, config.warmup, sample)
-        except WarmupConfigError:
-            if strict:
-                raise
-            plan = plan_warmup(inputs, type(config.warmup)(), sample)  # checked at upload; a variant may differ
-        try:
-            for b in instances:
-                b.warmup(plan.feeds)
-        except WarmupTimeout:
-            raise
-        except BackendError as e:
-            if any(w in str(e).lower() for w in _OUT_OF_MEMORY):
-                raise
-            if strict and plan.all_samples:
-                raise BackendError(f"it fails on its warm-up samples ({plan.describe()}): {e}") from None
-            reason = f"warm-up on {plan.describe()} failed ({e}); the first request warms it"
-            log.info("%s", reason)
-            return WarmupReport(False, plan.describe(), reason)
-        return WarmupReport(True, plan.describe())
-
-    def _serve(
-        self,
-        record: VersionRecord,
-        variant: VariantRecord,
-        loaded: LoadedInstances,
-        config: ModelConfig,
-    ) -> ServedVariant:
-        instances = loaded.instances
-        b0 = instances[0]
-        batchable = is_batchable(b0.inputs, b0.outputs)
-        mbs = config.max_batch_size
-        if mbs is None:
-            mbs = self.settings.default_max_batch_size if batchable else 0
-        elif mbs > 0 and not batchable:
-            mbs = 0  # the model has no dynamic first dimension: nothing to batch along
-        bcfg = config.batching
-        vm = self.metrics.bind(record.model, record.number, variant.name, b0.name)
-        vm.load.observe(loaded.seconds)
-        vm.size.set(variant.size_bytes)
-        vm.engine_fallback.set(1 if loaded.engine is not None and not loaded.engine.used else 0)
-        # The original is the reference (0 by definition); other variants export only a measured delta.
-        delta = (
-            0.0 if variant.kind == "original" and variant.name == "original" else variant.details.get("accuracy_delta")
-        )
-        if isinstance(delta, int | float):
-            self.metrics.set_accuracy_delta(vm.labels, delta)
-        stats = Stats()
-        sched = Scheduler(
-            f"{record.model}:{variant.name}/{record.number}",
-            instances,
-            SchedulerConfig(
-                max_batch_size=mbs,
-                batching=bcfg.enabled,
-                max_queue_delay_ns=bcfg.max_queue_delay_us * 1000,
-                preferred_batch_sizes=tuple(bcfg.preferred_batch_sizes),
-                max_queue_size=bcfg.max_queue_size or self.settings.default_max_queue_size,
-                default_timeout_ns=bcfg.default_timeout_us * 1000 if bcfg.default_timeout_us else None,
-                inline_max_ns=self.settings.inline_max_us * 1000,
-            ),
-            vm,
-            stats,
-        )
-        vm.ready.set(1)
-        return ServedVariant(
-            model=record.model,
-            version=record.number,
-            variant=variant.name,
-            backend=b0.name,
-            inputs=b0.inputs,
-            outputs=b0.outputs,
-            input_index={t.name: t for t in b0.inputs},
-            output_names=frozenset(t.name for t in b0.outputs),
-            max_batch_size=mbs,
-            instances=len(instances),
-            scheduler=sched,
-            metrics=vm,
-            stats=stats,
-            record=variant,
-            config=config,
-            warmup=loaded.warmup,
-            backend_info=b0.describe(),
-            engine=loaded.engine,
-        )
-
     @contextlib.asynccontextmanager
     async def installing(self, model: str) -> AsyncIterator[None]:
         """Held by an upload from before its catalogue commit until its install: ``sync`` leaves the model's
@@ -474,7 +277,7 @@ class LoadedVariants:
                 if have is not None and have.record.runnable_sha256 == v.runnable_sha256:
                     loaded[v.name].unload()
                     continue
-                variants[v.name] = self._serve(record, v, loaded[v.name], for_variant(config, v.details))
+                variants[v.name] = self.builder.serve(record, v, loaded[v.name], for_variant(config, v.details))
             self._put(record, variants)
 
     def _put(self, record: VersionRecord, variants: dict[str, ServedVariant]) -> None:
@@ -517,11 +320,13 @@ class LoadedVariants:
                 log.warning("calibration blob %s unreadable for warm-up: %s", calibration, e)
         builder = self.engines.builder_for(config)
         if builder is None:
-            return self.build_instances(data, config, samples)
-        opts = self.backend_options(config)
+            return self.builder.build_instances(data, config, samples)
+        opts = self.builder.backend_options(config)
         inputs = _inputs_of(variant, record, data)
         engine = self.engines.request(builder, variant.runnable_sha256, inputs, opts, record.model, record.number)
-        loaded = self.engines.load(engine, config, lambda c, d: self.build_instances(data, c, samples, engine_dir=d))
+        loaded = self.engines.load(
+            engine, config, lambda c, d: self.builder.build_instances(data, c, samples, engine_dir=d)
+        )
         loaded.engine = engine
         return loaded
 
@@ -534,7 +339,7 @@ class LoadedVariants:
         if builder is None or (engine is not None and engine.used):
             return False
         if engine is None:  # served without asking for its engine (an upload installs the plain model first)
-            opts = self.backend_options(config)
+            opts = self.builder.backend_options(config)
             args = (builder, sv.record.runnable_sha256, sv.inputs, opts, record.model, record.number)
             try:
                 sv.engine = engine = await asyncio.to_thread(self.engines.request, *args)
@@ -637,7 +442,7 @@ class LoadedVariants:
                 continue
             if fkey in self._failures:
                 self.metrics.forget_failed(record.model, record.number, v.name, self._failures.pop(fkey).backend)
-            variants[v.name] = self._serve(record, v, loaded, vconfig)
+            variants[v.name] = self.builder.serve(record, v, loaded, vconfig)
         if variants or current:
             self._put(record, variants)
 
@@ -682,11 +487,3 @@ def _inputs_of(variant: VariantRecord, record: VersionRecord, data: bytes) -> li
         if isinstance(recorded, list) and recorded:
             return [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in recorded]
     return model_interface(parse_model(data))[0]
-
-
-def _calibration_sample(source: bytes | Path, inputs: list[TensorSpec]) -> dict[str, Any] | None:
-    try:
-        return first_calibration_sample(source, inputs)
-    except Exception as e:  # checked at upload; an unreadable one only costs the warm-up its real samples
-        log.warning("calibration data unreadable for warm-up: %s", e)
-        return None

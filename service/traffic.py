@@ -34,8 +34,9 @@ from service.errors import ApiError, Unprocessable
 from service.traffic_window import VariantWindow, VersionWindow
 
 if TYPE_CHECKING:
-    from service.loaded import LoadedVariants, ServedVariant
+    from service.loaded import LoadedVariants
     from service.shadow import ShadowMirror
+    from service.variant_build import ServedVariant
 
 log = logging.getLogger("slimserve.traffic")
 

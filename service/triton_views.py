@@ -22,8 +22,9 @@ from typing import Any
 
 from backends import TensorSpec
 from backends.datatypes import v2_to_triton_config
-from service.loaded import LoadedVariants, ServedVariant
+from service.loaded import LoadedVariants
 from service.scheduler import SchedulerConfig
+from service.variant_build import ServedVariant
 
 #: the protocol extensions both front ends implement (REST GET /v2, gRPC ServerMetadata)
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration", "schedule_policy"]

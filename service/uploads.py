@@ -9,8 +9,9 @@ from backends.engines import GPU_BUILDERS
 from backends.onnx_model import InvalidModel, ModelInfo, load_and_inspect
 from compression.calibration import CalibrationError, Samples, parse_npz
 from service.errors import BadRequest, Unprocessable
-from service.loaded import LoadedInstances, LoadedVariants
+from service.loaded import LoadedVariants
 from service.model_config import ModelConfig
+from service.variant_build import LoadedInstances
 from service.warmup import WarmupConfigError
 
 
@@ -43,7 +44,7 @@ def prepare_upload(
     engine_built = config.backend in GPU_BUILDERS
     check = config.model_copy(update={"backend": "onnxruntime-cpu", "instances": 1}) if engine_built else config
     try:
-        instances = loaded.build_instances(model_bytes, check, calibration, strict=True)
+        instances = loaded.builder.build_instances(model_bytes, check, calibration, strict=True)
     except WarmupConfigError as e:
         raise Unprocessable(f"config: {e}") from None
     except BackendError as e:

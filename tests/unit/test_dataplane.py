@@ -17,11 +17,12 @@ import pytest
 from model_store import ModelStore, NewVariant
 from service.dataplane import DataPlane
 from service.errors import ApiError, BadRequest, InternalError, NotFound, Unavailable
-from service.loaded import LoadedVariants, ServedVariant
+from service.loaded import LoadedVariants
 from service.metrics import Metrics
 from service.scheduler import QueueFull, QueueTimeout
 from service.settings import Settings
 from service.triton_views import describe, model_metadata, triton_config
+from service.variant_build import ServedVariant
 from tests.onnx_models import mlp, mlp_reference
 
 

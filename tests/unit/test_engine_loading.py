@@ -27,7 +27,7 @@ from backends.onnxruntime_backend import OnnxRuntimeBackend
 from backends.targets import cpu_target, gpu_target
 from compression.worker import JobWorker
 from model_store import ModelStore, NewVariant
-from service import engine_loader, loaded
+from service import engine_loader, loaded, variant_build
 from service.errors import Unavailable
 from service.loaded import LoadedVariants
 from service.metrics import Metrics
@@ -75,7 +75,7 @@ def gpu_here(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
 
     monkeypatch.setattr(engine_loader, "gpu_targets", lambda: [L4])
     monkeypatch.setattr(engine_loader, "RuntimeVersions", Runtime)
-    monkeypatch.setattr(loaded, "load_backend", load_backend)
+    monkeypatch.setattr(variant_build, "load_backend", load_backend)
     return loads
 
 

@@ -18,10 +18,11 @@ from backends import BackendError, WarmupTimeout
 from backends.gpu_options import GpuSettings
 from model_store import ModelStore, NewVariant, VersionRecord
 from service.errors import BadRequest, NotFound, Unavailable
-from service.loaded import LoadedInstances, LoadedVariants, ServedVariant
+from service.loaded import LoadedVariants
 from service.metrics import Metrics
 from service.model_config import ModelConfig
 from service.settings import Settings
+from service.variant_build import LoadedInstances, ServedVariant
 from tests.hardening.helpers import slow_model
 from tests.onnx_models import expand_by_input, mlp, reshape_by_input, split_by_sizes
 
@@ -296,7 +297,7 @@ def test_install_after_a_sync_loaded_the_same_version_keeps_the_live_variant(
     async def body() -> None:
         model = mlp()
         config = ModelConfig()
-        uploaded = await asyncio.to_thread(lv.build_instances, model, config)
+        uploaded = await asyncio.to_thread(lv.builder.build_instances, model, config)
         record = add_version(store, "race", model)  # the upload's commit
         await lv.sync()  # the periodic sync runs first and loads it
         synced = await lv.resolve("race")
@@ -320,7 +321,7 @@ def test_sync_leaves_a_version_to_the_upload_installing_it(lv: LoadedVariants, s
     async def body() -> None:
         await lv.sync()
         model = mlp()
-        uploaded = await asyncio.to_thread(lv.build_instances, model, ModelConfig())
+        uploaded = await asyncio.to_thread(lv.builder.build_instances, model, ModelConfig())
         async with lv.installing("inst"):
             record = add_version(store, "inst", model)
             await lv.sync()  # runs between the commit and the install
@@ -353,7 +354,7 @@ def test_backend_options_apply_server_values_last(lv: LoadedVariants, settings: 
             },
         }
     )
-    opts = lv.backend_options(config)
+    opts = lv.builder.backend_options(config)
     gpu = GpuSettings.from_options(opts)
     assert gpu.engine_cache_dir == settings.data_dir.resolve() / "engines"
     assert gpu.device_id == 0 and gpu.max_batch_size == 16
@@ -361,7 +362,7 @@ def test_backend_options_apply_server_values_last(lv: LoadedVariants, settings: 
     assert (gpu.opt_batch_size, gpu.sparse, gpu.cuda_graph) == (4, True, False)
     assert gpu.shape_overrides == {"x": {"min": [1, 4], "opt": [4, 4], "max": [16, 4]}}
     assert opts.extra["warmup_timeout_s"] == settings.warmup_timeout_s
-    loaded = lv.build_instances(mlp(), ModelConfig())
+    loaded = lv.builder.build_instances(mlp(), ModelConfig())
     assert loaded.instances[0]._warmup_timeout_s == settings.warmup_timeout_s  # type: ignore[attr-defined]
 
 
@@ -403,21 +404,21 @@ def test_warmup_rules_for_models_whose_inputs_are_shapes(
 ) -> None:
     model = build()
     # made-up zeros fail at run time: accepted, not warmed, with the reason
-    plain = lv.build_instances(model, ModelConfig(), strict=True)
+    plain = lv.builder.build_instances(model, ModelConfig(), strict=True)
     assert not plain.warmup.warmed
     assert "zero for" in plain.warmup.inputs and "failed" in (plain.warmup.reason or "")
     # explicit samples for the shape input (x stays made-up): warmed
     config = ModelConfig.model_validate({"warmup": {"inputs": given}})
-    warmed = lv.build_instances(model, config, strict=True)
+    warmed = lv.builder.build_instances(model, config, strict=True)
     assert warmed.warmup.warmed, warmed.warmup
     assert "config for" in warmed.warmup.inputs
     # every input given, and wrong: the user's own samples fail, the upload is refused
     bad = {k: {"data": [0] * len(v["data"])} for k, v in given.items()}
     bad.update({k: {"data": v.tolist()} for k, v in x.items()})
     with pytest.raises(BackendError, match="fails on its warm-up samples"):
-        lv.build_instances(model, ModelConfig.model_validate({"warmup": {"inputs": bad}}), strict=True)
+        lv.builder.build_instances(model, ModelConfig.model_validate({"warmup": {"inputs": bad}}), strict=True)
     # ... but a sync load (not strict) of the same never refuses a runnable model
-    assert not lv.build_instances(model, ModelConfig.model_validate({"warmup": {"inputs": bad}})).warmup.warmed
+    assert not lv.builder.build_instances(model, ModelConfig.model_validate({"warmup": {"inputs": bad}})).warmup.warmed
 
 
 def test_warmup_uses_the_first_calibration_sample(lv: LoadedVariants) -> None:
@@ -426,7 +427,7 @@ def test_warmup_uses_the_first_calibration_sample(lv: LoadedVariants) -> None:
     buf = io.BytesIO()
     # samples on axis 0; `shape` has a fixed first dimension (3), so its "first sample" is all of it
     np.savez(buf, x=np.arange(18, dtype=np.float32).reshape(3, 6), shape=np.array([1, 2, 3], np.int64))
-    loaded = lv.build_instances(reshape_by_input(), ModelConfig(), buf.getvalue(), strict=True)
+    loaded = lv.builder.build_instances(reshape_by_input(), ModelConfig(), buf.getvalue(), strict=True)
     assert loaded.warmup.warmed, loaded.warmup
     assert loaded.warmup.inputs == "calibration for ['shape', 'x']"
 
@@ -435,7 +436,7 @@ def test_warmup_past_its_deadline_is_always_refused(tmp_path: Path, store: Model
     fast = Settings(data_dir=tmp_path, warmup_timeout_s=0.05, intra_op_threads=1)
     lv = LoadedVariants(fast, store, Metrics())
     with pytest.raises(WarmupTimeout, match=r"did not finish within 0\.05 s"):
-        lv.build_instances(slow_model(tokens=4096, depth=512), ModelConfig())
+        lv.builder.build_instances(slow_model(tokens=4096, depth=512), ModelConfig())
 
 
 def test_warmup_config_that_does_not_fit_the_model_is_refused(lv: LoadedVariants) -> None:
@@ -451,6 +452,6 @@ def test_warmup_config_that_does_not_fit_the_model_is_refused(lv: LoadedVariants
     ]
     for given, match in cases:
         with pytest.raises(WarmupConfigError, match=match):
-            lv.build_instances(
+            lv.builder.build_instances(
                 expand_by_input(), ModelConfig.model_validate({"warmup": {"inputs": given}}), strict=True
             )
