@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -87,6 +87,23 @@ def pin(cpus: str | None) -> list[str]:
 
 class ServerExited(RuntimeError):
     """The server exited before it was ready (a port taken in the meantime, or a broken tree)."""
+
+
+T = TypeVar("T")
+
+
+def rotated(items: Sequence[T], k: int) -> list[T]:
+    """``items`` starting at position ``k`` (mod its length): round k of an interleaved comparison runs them in
+    this order, so no server always goes first or last."""
+    k %= len(items)
+    return [*items[k:], *items[:k]]
+
+
+def proc_cpu(pid: int | str) -> tuple[int, float]:
+    """A process's parent pid and its user + system CPU seconds (all its threads), from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import sys
 import timeit
 from pathlib import Path
 
+import grpc_load
 import models
 import numpy as np
 
@@ -23,10 +24,8 @@ from service.tensors import TensorLimits
 
 def main() -> None:
     x = models.mlp_input(1)[models.MLP_INPUT]
-    req = pb.ModelInferRequest(model_name="mlp")
-    req.inputs.add(name=models.MLP_INPUT, datatype="FP32", shape=x.shape)
-    req.raw_input_contents.append(x.tobytes())
-    data = req.SerializeToString()
+    data = grpc_load.request("mlp", {models.MLP_INPUT: x})
+    req = pb.ModelInferRequest.FromString(data)
     spec = {models.MLP_INPUT: TensorSpec(models.MLP_INPUT, "FP32", (-1, x.shape[1]))}
     outputs = frozenset({models.MLP_OUTPUT})
     limits = TensorLimits()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import statistics
@@ -44,10 +43,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import common
+import grpc_load
 import httpx
 import models
 import numpy as np
@@ -55,24 +56,18 @@ import overhead
 import peers
 import tail
 from common import Result
-from grpc_peers import BAR_RATIO, mlserver_grpc
 
 sys.path.insert(0, str(common.REPO))
-from service.grpc._generated import grpc_service_pb2 as pb
-from tests.compression import digits as D
 
 HERE = Path(__file__).resolve().parent
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 TAIL_BAR = 3.0
+WARMUP_S = 2.0  # h2load's warm-up before every measured window
 
 
 def grpc_frame(model: str, inputs: dict[str, np.ndarray]) -> bytes:
     """The HTTP/2 body of one unary ModelInfer call: the gRPC length prefix and the request, raw contents."""
-    req = pb.ModelInferRequest(model_name=model)
-    for name, x in inputs.items():
-        req.inputs.add(name=name, datatype="FP32", shape=x.shape)
-        req.raw_input_contents.append(np.ascontiguousarray(x, "<f4").tobytes())
-    msg = req.SerializeToString()
+    msg = grpc_load.request(model, inputs)
     return struct.pack(">BI", 0, len(msg)) + msg
 
 
@@ -86,16 +81,16 @@ def h2load(
     *,
     concurrency: int,
     seconds: float,
-    warmup: float = 2.0,
+    warmup: float = WARMUP_S,
     cpus: str | None = None,
     name: str = "",
-    rest: tuple[str, dict[str, str]] | None = None,
+    rest: dict[str, str] | None = None,
 ) -> Result:
     """Closed-loop gRPC load: ``concurrency`` connections with one call in flight on each, for ``seconds`` after
     ``warmup``. Percentiles from the per-request log (the requests finished in the measured window).
 
-    ``rest=(url, headers)`` sends ``body`` as a REST POST over HTTP/1.1 instead (``--h1``): the same client for both
-    protocols at concurrency 1."""
+    ``rest=headers`` sends ``body`` as a REST POST over HTTP/1.1 to the URL ``target`` instead (``--h1``): the same
+    client for both protocols at concurrency 1."""
     exe = need_h2load()
     with tempfile.TemporaryDirectory(dir=common.BENCH_DIR) as tmp:
         body_path, log_path = Path(tmp, "body.bin"), Path(tmp, "requests.log")
@@ -106,8 +101,7 @@ def h2load(
         if rest is None:
             argv += ["-H", "content-type: application/grpc", "-H", "te: trailers", f"http://{target}{PATH}"]
         else:
-            url, headers = rest
-            argv += ["--h1", *(x for k, v in headers.items() for x in ("-H", f"{k}: {v}")), url]
+            argv += ["--h1", *(x for k, v in rest.items() for x in ("-H", f"{k}: {v}")), target]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + warmup + 60)
         if out.returncode != 0:
             raise RuntimeError(f"h2load failed ({out.returncode}): {out.stdout[-1500:]} {out.stderr[-1500:]}")
@@ -139,11 +133,8 @@ def _h2load_summary(text: str) -> dict[str, Any]:
     rate = re.search(r"finished in [^,]+, ([\d.]+) req/s", text)
     if m is None or codes is None or rate is None:
         raise RuntimeError(f"unexpected h2load output: {text[-1500:]}")
-    total, _, done, succeeded, failed, errored, timeout = map(int, m.groups())
+    failed, errored, timeout = map(int, m.groups()[4:])
     return {
-        "total": total,
-        "done": done,
-        "succeeded": succeeded,
         "failed": failed,
         "errored": errored,
         "timeout": timeout,
@@ -210,14 +201,11 @@ def cpu_seconds(marker: str) -> float:
     """
     procs: dict[int, tuple[int, float]] = {}
     roots = set()
-    tick = os.sysconf("SC_CLK_TCK")
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            stat = (d / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-            procs[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            procs[int(d.name)] = common.proc_cpu(d.name)
             if marker.encode() in (d / "cmdline").read_bytes():
                 roots.add(int(d.name))
     total, frontier = 0.0, set(roots)
@@ -241,6 +229,39 @@ def floor_server(model: Path, cpus: str | None) -> Iterator[str]:
         yield target
 
 
+@dataclass(frozen=True)
+class Target:
+    """A gRPC server under load: its address, its success counter (None: it keeps none) and what names its process
+    on its command line (for its CPU time, ``cpu_seconds``)."""
+
+    address: str
+    ok: Callable[[], float] | None
+    marker: str
+
+
+def slimserve_target(url: str) -> Target:
+    return Target(common.grpc_address(url), slimserve_ok(url), port_marker(url))
+
+
+def port_marker(address: str) -> str:
+    """``--port <n>`` as it stands in a server's command line (NUL-separated), from its URL or address."""
+    return f"--port\0{address.rsplit(':', 1)[1]}\0"
+
+
+def measured(name: str, target: Target, body: bytes, concurrency: int, seconds: float, rnd: int) -> Result:
+    """One checked h2load point: the server's counter must have moved by at least h2load's answers, and the
+    result carries the server's CPU per call (a server without a counter: h2load's answers, warm-up included)."""
+    before, cpu0 = target.ok() if target.ok else 0.0, cpu_seconds(target.marker)
+    r = h2load(target.address, body, concurrency=concurrency, seconds=seconds, cpus="1", name=name)
+    cpu = cpu_seconds(target.marker) - cpu0
+    if target.ok:
+        counted(r, before, target.ok())
+    else:
+        r.extra["server_counted"] = r.requests * (1 + WARMUP_S / seconds)
+    r.extra.update(round=rnd, server_cpu_ms_per_call=1e3 * cpu / r.extra["server_counted"])
+    return r
+
+
 # -- the parts --------------------------------------------------------------------------------------------------
 
 
@@ -251,34 +272,17 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
     results: list[Result] = []
     with contextlib.ExitStack() as stack:
         slim_url = stack.enter_context(peers.slimserve_server(model, "0"))
-        mls, _ = stack.enter_context(mlserver_grpc(model, "0"))
+        mls = stack.enter_context(peers.mlserver_server(model, "0"))
         floor = stack.enter_context(floor_server(model, "0"))
-        settings = next(common.BENCH_DIR.glob("mlserver-*/settings.json"))
-        mls_metrics = f"http://{common.HOST}:{json.loads(settings.read_text())['metrics_port']}/metrics"
         targets = {
-            "slimserve": (common.grpc_address(slim_url), slimserve_ok(slim_url)),
-            "mlserver": (mls, mlserver_ok(mls_metrics)),
-            "grpc.aio floor": (floor, None),
-        }
-        # what names each server's process in its command line: slimserve's port, MLServer's repository folder
-        markers = {
-            "slimserve": f"--port\0{slim_url.rsplit(':', 1)[1]}\0",
-            "mlserver": str(settings.parent),
-            "grpc.aio floor": f"--port\0{floor.rsplit(':', 1)[1]}\0",
+            "slimserve": slimserve_target(slim_url),
+            "mlserver": Target(mls.grpc, mlserver_ok(mls.metrics), mls.repo),
+            "grpc.aio floor": Target(floor, None, port_marker(floor)),
         }
         for rnd in range(args.rounds):
-            for name in list(targets)[rnd % 3 :] + list(targets)[: rnd % 3]:
-                target, ok = targets[name]
-                check_answer(target, "mlp", inputs, models.MLP_OUTPUT, expected)
-                before, cpu0 = ok() if ok else 0.0, cpu_seconds(markers[name])
-                r = h2load(target, body, concurrency=args.concurrency, seconds=args.seconds, cpus="1", name=name)
-                cpu = cpu_seconds(markers[name]) - cpu0
-                if ok:
-                    counted(r, before, ok())
-                else:  # the floor keeps no counter: count what h2load sent, warm-up included
-                    r.extra["server_counted"] = r.requests * (1 + 2.0 / args.seconds)  # approx.: 2 s warm-up
-                r.extra["round"] = rnd
-                r.extra["server_cpu_ms_per_call"] = 1e3 * cpu / r.extra["server_counted"]
+            for name in common.rotated(list(targets), rnd):
+                check_answer(targets[name].address, "mlp", inputs, models.MLP_OUTPUT, expected)
+                r = measured(name, targets[name], body, args.concurrency, args.seconds, rnd)
                 results.append(r)
                 print(
                     f"round {rnd}: {r.line()} (server counted {r.extra['server_counted']:.0f}, "
@@ -297,7 +301,7 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
     cpu = {n: statistics.median(r.extra["server_cpu_ms_per_call"] for r in results if r.target == n) for n in targets}
     ratio = med["slimserve"] / med["mlserver"]
     paired = statistics.median(per_round)  # each round's pair ran back to back: drift on the box cancels
-    ok = min(ratio, paired) >= BAR_RATIO and p99["slimserve"] < p99["mlserver"]
+    ok = min(ratio, paired) >= peers.BAR_RATIO and p99["slimserve"] < p99["mlserver"]
     line = (
         f"c={args.concurrency} gRPC (h2load): slimserve {med['slimserve']:,.0f} req/s (rounds {rng['slimserve']}) "
         f"p99 {p99['slimserve']:.2f} ms, MLServer {med['mlserver']:,.0f} req/s (rounds {rng['mlserver']}) p99 "
@@ -324,12 +328,12 @@ def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[s
     inputs = models.mlp_input(1)
     expected = peers._reference(model, inputs)
     bin_body, hlen = common.v2_binary_body(inputs, [models.MLP_OUTPUT])
-    rest_headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(hlen)}
+    hdrs = {"content-type": "application/octet-stream", "inference-header-content-length": str(hlen)}
     grpc_body = grpc_frame("mlp", inputs)
     results: list[Result] = []
     with peers.slimserve_server(model, "0") as url:
         grpc_target = common.grpc_address(url)
-        marker = f"--port\0{url.rsplit(':', 1)[1]}\0"
+        marker = port_marker(url)
         counters = {"REST": slimserve_ok(url, "rest"), "gRPC": slimserve_ok(url, "grpc")}
 
         def perf_analyzer(proto: str) -> Result:
@@ -344,16 +348,16 @@ def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[s
             )
 
         def with_h2load(proto: str) -> Result:
-            rest = (f"{url}/v2/models/mlp/infer", rest_headers) if proto == "REST" else None
-            body = bin_body if proto == "REST" else grpc_body
-            return h2load(
-                grpc_target, body, concurrency=1, seconds=args.seconds, cpus="1", name=f"slimserve {proto}", rest=rest
-            )
+            name = f"slimserve {proto}"
+            if proto == "REST":
+                rest_url = f"{url}/v2/models/mlp/infer"
+                return h2load(rest_url, bin_body, concurrency=1, seconds=args.seconds, cpus="1", name=name, rest=hdrs)
+            return h2load(grpc_target, grpc_body, concurrency=1, seconds=args.seconds, cpus="1", name=name)
 
         points = [(t, p) for t in ("perf_analyzer", "h2load") for p in ("REST", "gRPC")]
         for rnd in range(args.rounds):
             check_answer(grpc_target, "mlp", inputs, models.MLP_OUTPUT, expected)
-            for tool, proto in points[rnd % 4 :] + points[: rnd % 4]:
+            for tool, proto in common.rotated(points, rnd):
                 before, cpu0 = counters[proto](), cpu_seconds(marker)
                 r = (perf_analyzer if tool == "perf_analyzer" else with_h2load)(proto)
                 calls = counters[proto]() - before
@@ -412,16 +416,10 @@ def part_ab(args: argparse.Namespace, model: Path, part: str) -> tuple[list[Resu
             finally:
                 del os.environ[var]
         for rnd in range(args.rounds):
-            for name in list(urls)[rnd % 2 :] + list(urls)[: rnd % 2]:
-                url = urls[name]
-                target, ok = common.grpc_address(url), slimserve_ok(url)
-                check_answer(target, "mlp", inputs, models.MLP_OUTPUT, expected)
-                marker = f"--port\0{url.rsplit(':', 1)[1]}\0"
-                before, cpu0 = ok(), cpu_seconds(marker)
-                r = h2load(target, body, concurrency=args.concurrency, seconds=args.seconds, cpus="1", name=name)
-                cpu = cpu_seconds(marker) - cpu0
-                counted(r, before, ok())
-                r.extra.update(round=rnd, server_cpu_ms_per_call=1e3 * cpu / r.extra["server_counted"])
+            for name in common.rotated(list(urls), rnd):
+                target = slimserve_target(urls[name])
+                check_answer(target.address, "mlp", inputs, models.MLP_OUTPUT, expected)
+                r = measured(name, target, body, args.concurrency, args.seconds, rnd)
                 results.append(r)
                 print(
                     f"{part} round {rnd}: {r.line()} ({r.extra['server_cpu_ms_per_call']:.3f} CPU-ms per call)",
@@ -444,26 +442,17 @@ def part_ab(args: argparse.Namespace, model: Path, part: str) -> tuple[list[Resu
 
 def part_tail(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "digits.onnx"
-        model.write_bytes(D.digits_model())
-        x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
-        expected = peers._reference(model, {"input": x})
-        body = grpc_frame("digits", {"input": x})
-        with common.slimserve(cpus="0", intra_op_threads=1, log_name="tail-h2load") as url:
-            common.upload(url, "digits", model, tail.MODEL_CONFIG)
-            target, ok = common.grpc_address(url), slimserve_ok(url)
-            for rnd in range(args.tail_rounds):
-                check_answer(target, "digits", {"input": x}, "logits", expected)
-                before = ok()
-                r = h2load(target, body, concurrency=32, seconds=args.seconds, cpus="1", name="slimserve gRPC")
-                counted(r, before, ok())
-                r.extra["round"] = rnd
-                results.append(r)
-                print(
-                    f"tail round {rnd}: {r.line()}, p90 {r.extra['p90_ms']:.3f} ms, p99/p50 {r.p99_ms / r.p50_ms:.2f}",
-                    flush=True,
-                )
+    x = {"input": tail.DIGIT}
+    body = grpc_frame("digits", x)
+    with tail.digits_server("tail-h2load") as (url, model):
+        expected = peers._reference(model, x)
+        target = slimserve_target(url)
+        for rnd in range(args.tail_rounds):
+            check_answer(target.address, "digits", x, "logits", expected)
+            r = measured("slimserve gRPC", target, body, 32, args.seconds, rnd)
+            results.append(r)
+            print("tail round", rnd, end=": ")
+            tail.report(r)
     ratios = [r.p99_ms / r.p50_ms for r in results]
     med = statistics.median(ratios)
     line = (

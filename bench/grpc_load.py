@@ -24,10 +24,12 @@ from service.grpc._generated import grpc_service_pb2 as pb
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def request(model: str, name: str, x: np.ndarray) -> bytes:
+def request(model: str, inputs: dict[str, np.ndarray]) -> bytes:
+    """A serialized ``ModelInferRequest`` carrying FP32 ``inputs`` as raw contents (what every bench client sends)."""
     req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name=name, datatype="FP32", shape=x.shape)
-    req.raw_input_contents.append(np.ascontiguousarray(x, "<f4").tobytes())
+    for name, x in inputs.items():
+        req.inputs.add(name=name, datatype="FP32", shape=x.shape)
+        req.raw_input_contents.append(np.ascontiguousarray(x, "<f4").tobytes())
     return req.SerializeToString()
 
 
@@ -84,7 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     shape = tuple(int(d) for d in args.shape.split(","))
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    body = request(args.model, args.input, x)
+    body = request(args.model, {args.input: x})
     print("GRPCLOAD " + json.dumps(asyncio.run(run(args.target, body, args.concurrency, args.seconds, args.warmup))))
 
 

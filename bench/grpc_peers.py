@@ -33,7 +33,6 @@ import peers
 from common import Result
 
 HERE = Path(__file__).resolve().parent
-BAR_RATIO = 1.5
 
 
 def grpc_load(target: str, concurrency: int, seconds: float, name: str, cpus: str | None) -> Result:
@@ -58,14 +57,6 @@ def grpc_load(target: str, concurrency: int, seconds: float, name: str, cpus: st
     )
 
 
-@contextlib.contextmanager
-def mlserver_grpc(model: Path, cpus: str | None):  # type: ignore[no-untyped-def]
-    """MLServer as bench/peers.py runs it; yields its gRPC address (its settings.json names the port)."""
-    with peers.mlserver_server(model, cpus) as url:
-        settings = next(common.BENCH_DIR.glob("mlserver-*/settings.json"))
-        yield f"{common.HOST}:{json.loads(settings.read_text())['grpc_port']}", url
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=6.0)
@@ -77,10 +68,10 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         slim_url = stack.enter_context(peers.slimserve_server(model, server_cpus))
         slim = common.grpc_address(slim_url)
-        mls, _ = stack.enter_context(mlserver_grpc(model, server_cpus))
+        mls = stack.enter_context(peers.mlserver_server(model, server_cpus)).grpc
         targets = {"slimserve": slim, "mlserver": mls}
         for rnd in range(args.rounds):
-            for name in list(targets)[rnd % 2 :] + list(targets)[: rnd % 2]:
+            for name in common.rotated(list(targets), rnd):
                 r = grpc_load(targets[name], 8, args.seconds, name, client_cpus)
                 r.extra["round"] = rnd
                 results.append(r)
@@ -105,7 +96,7 @@ def main() -> None:
     med = {n: statistics.median(r.throughput for r in results if r.target == n) for n in ("slimserve", "mlserver")}
     p99 = {n: statistics.median(r.p99_ms for r in results if r.target == n) for n in ("slimserve", "mlserver")}
     ratio = med["slimserve"] / med["mlserver"]
-    ok = ratio >= BAR_RATIO and p99["slimserve"] < p99["mlserver"]
+    ok = ratio >= peers.BAR_RATIO and p99["slimserve"] < p99["mlserver"]
     lines.append(
         f"c=8 gRPC: slimserve {med['slimserve']:,.0f} req/s p99 {p99['slimserve']:.2f} ms, MLServer "
         f"{med['mlserver']:,.0f} req/s p99 {p99['mlserver']:.2f} ms: {ratio:.2f}x -> {'PASS' if ok else 'FAIL'}"

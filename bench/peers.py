@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,18 @@ def kserve_server(model: Path, cpus: str | None) -> contextlib.AbstractContextMa
     return common.retrying(lambda: _kserve_server(model, cpus))
 
 
-def mlserver_server(model: Path, cpus: str | None) -> contextlib.AbstractContextManager[str]:
+@dataclass(frozen=True)
+class MLServer:
+    """A running MLServer: REST base URL, gRPC address (host:port), Prometheus metrics URL, and its model repository
+    folder (on its command line: what names its process)."""
+
+    url: str
+    grpc: str
+    metrics: str
+    repo: str
+
+
+def mlserver_server(model: Path, cpus: str | None) -> contextlib.AbstractContextManager[MLServer]:
     return common.retrying(lambda: _mlserver_server(model, cpus))
 
 
@@ -104,7 +116,7 @@ def _kserve_server(model: Path, cpus: str | None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _mlserver_server(model: Path, cpus: str | None) -> Iterator[str]:
+def _mlserver_server(model: Path, cpus: str | None) -> Iterator[MLServer]:
     venv = ensure_venv("mlserver")
     http, grpc, metrics = common.free_port(), common.free_port(), common.free_port()
     with tempfile.TemporaryDirectory(prefix="mlserver-", dir=common.BENCH_DIR) as repo:
@@ -128,7 +140,7 @@ def _mlserver_server(model: Path, cpus: str | None) -> Iterator[str]:
         argv = [*common.pin(cpus), str(venv / "bin" / "mlserver"), "start", repo]
         url = f"http://{common.HOST}:{http}"
         with common.process(argv, env=env, cwd=repo, ready_url=f"{url}/v2/models/mlp/ready", log_name="mlserver"):
-            yield url
+            yield MLServer(url, f"{common.HOST}:{grpc}", f"http://{common.HOST}:{metrics}/metrics", repo)
 
 
 @contextlib.contextmanager
@@ -176,7 +188,7 @@ def main() -> None:
         urls = {
             "slimserve": stack.enter_context(slimserve_server(model, server_cpus)),
             "kserve": stack.enter_context(kserve_server(model, server_cpus)),
-            "mlserver": stack.enter_context(mlserver_server(model, server_cpus)),
+            "mlserver": stack.enter_context(mlserver_server(model, server_cpus)).url,
         }
         probes = {name: check(url, json_body, expected) for name, url in urls.items()}
         print(f"all three answer correctly; perf_analyzer prerequisites: {probes}", flush=True)

@@ -54,12 +54,6 @@ def server(data: Path, cpus: str | None) -> Iterator[tuple[str, int]]:
         yield url, p.pid  # taskset execs the server: the same pid
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of the process and all its threads (/proc/<pid>/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def shadow_counts(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     out = {"compared": 0.0, "error": 0.0, "dropped": 0.0}
@@ -119,7 +113,7 @@ def main() -> None:
                             warmup=0,
                             cpus=load_cpus,
                         )
-                        before, cpu0 = shadow_counts(url), cpu_seconds(pid)
+                        before, cpu0 = shadow_counts(url), common.proc_cpu(pid)[1]
                         res = common.wrk(
                             f"{url}/v2/models/mlp/infer",
                             body,
@@ -131,7 +125,7 @@ def main() -> None:
                             target="no shadow" if point == "A" else "shadow 100%",
                             mode="json",
                         )
-                        after, cpu1 = shadow_counts(url), cpu_seconds(pid)
+                        after, cpu1 = shadow_counts(url), common.proc_cpu(pid)[1]
                         delta = {k: after[k] - before[k] for k in after}
                         delta["cpu_us_per_request"] = (cpu1 - cpu0) / max(res.requests, 1) * 1e6
                         results.append((point, res, delta))

@@ -10,17 +10,37 @@ throughput against the run before the fix (docs/benchmarks/tail.md has both).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import common
 import numpy as np
+import peers
 
 sys.path.insert(0, str(common.REPO))
 from tests.compression import digits as D
 
-MODEL_CONFIG = {"max_batch_size": 64, "instances": 1, "batching": {"enabled": True, "max_queue_delay_us": 0}}
+MODEL_CONFIG = peers.MODEL_CONFIG  # dynamic batching, no queue delay, one instance
+#: the request every tail measurement sends: one 8x8 digit
+DIGIT = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+
+
+@contextlib.contextmanager
+def digits_server(log_name: str) -> Iterator[tuple[str, Path]]:
+    """slimserve on core 0 (one intra-op thread) serving the digits CNN as "digits"; yields its URL and the model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "digits.onnx"
+        model.write_bytes(D.digits_model())
+        with common.slimserve(cpus="0", intra_op_threads=1, log_name=log_name) as url:
+            common.upload(url, "digits", model, MODEL_CONFIG)
+            yield url, model
+
+
+def report(r: common.Result) -> None:
+    print(r.line(), f"p90 {r.extra['p90_ms']:.3f} ms, p99/p50 {r.p99_ms / r.p50_ms:.2f}", flush=True)
 
 
 def main() -> None:
@@ -30,37 +50,31 @@ def main() -> None:
     ap.add_argument("--no-grpc", action="store_true")
     args = ap.parse_args()
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "digits.onnx"
-        model.write_bytes(D.digits_model())
-        x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
-        body = common.v2_json_body({"input": x})
-        with common.slimserve(cpus="0", intra_op_threads=1, log_name="tail") as url:
-            common.upload(url, "digits", model, MODEL_CONFIG)
-            r = common.wrk(
-                f"{url}/v2/models/digits/infer",
-                body,
-                {"Content-Type": "application/json"},
+    with digits_server("tail") as (url, _):
+        r = common.wrk(
+            f"{url}/v2/models/digits/infer",
+            common.v2_json_body({"input": DIGIT}),
+            {"Content-Type": "application/json"},
+            concurrency=args.concurrency,
+            seconds=args.seconds,
+            cpus="1",
+            target="slimserve REST",
+            mode="json",
+        )
+        results.append(r)
+        report(r)
+        if not args.no_grpc:
+            r = common.perf_analyzer(
+                common.grpc_address(url),
+                "digits",
                 concurrency=args.concurrency,
-                seconds=args.seconds,
+                interval_ms=int(args.seconds * 1000 / 3),
                 cpus="1",
-                target="slimserve REST",
-                mode="json",
+                target="slimserve gRPC",
+                protocol="grpc",
             )
             results.append(r)
-            print(r.line(), f"p90 {r.extra['p90_ms']:.3f} ms, p99/p50 {r.p99_ms / r.p50_ms:.1f}", flush=True)
-            if not args.no_grpc:
-                r = common.perf_analyzer(
-                    common.grpc_address(url),
-                    "digits",
-                    concurrency=args.concurrency,
-                    interval_ms=int(args.seconds * 1000 / 3),
-                    cpus="1",
-                    target="slimserve gRPC",
-                    protocol="grpc",
-                )
-                results.append(r)
-                print(r.line(), f"p90 {r.extra['p90_ms']:.3f} ms, p99/p50 {r.p99_ms / r.p50_ms:.1f}", flush=True)
+            report(r)
     print(common.table([r.row() for r in results]))
     common.save("tail", {"results": results, "machine": common.machine_notes(), "git": common.git_state()})
 
