@@ -28,6 +28,11 @@ class AppContext:
     shutting_down: bool = False
     background: set[object] = field(default_factory=set)
 
+    @property
+    def ready(self) -> bool:
+        """Serving: the first catalogue sync is done and no shutdown has begun (REST and gRPC readiness)."""
+        return self.loaded.synced_once and not self.shutting_down
+
     @classmethod
     def build(cls, settings: Settings) -> AppContext:
         settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,15 @@ unavailable 503. A 4xx blames the caller, a 5xx the server: a runtime failure is
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from model_store import RecordConflict, RecordNotFound
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 class ApiError(Exception):
     status = 500
@@ -76,3 +85,13 @@ class Unavailable(ApiError):
 
 class SetupError(RuntimeError):
     """The server cannot run as installed or configured (raised at start, never for a request)."""
+
+
+async def store_call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a blocking store operation off the event loop, mapping its lookup errors to 404 / 409."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except RecordNotFound as e:
+        raise NotFound(str(e)) from None
+    except RecordConflict as e:
+        raise Conflict(str(e)) from None

@@ -6,11 +6,12 @@ import asyncio
 from typing import Any
 
 from service.context import AppContext
-from service.routes.common import store_call
+from service.errors import store_call
 
 
-async def index(ctx: AppContext) -> list[dict[str, Any]]:
-    """Every stored version with its state: READY (served here), LOADING or UNAVAILABLE (unloaded)."""
+async def index(ctx: AppContext, ready_only: bool = False) -> list[dict[str, Any]]:
+    """Every stored version with its state: READY (served here), LOADING or UNAVAILABLE (unloaded); only the READY
+    ones with ``ready_only`` (the index request's ``ready`` flag)."""
     models = await asyncio.to_thread(ctx.store.catalog.list_models)
     out = []
     for m in models:
@@ -23,7 +24,8 @@ async def index(ctx: AppContext) -> list[dict[str, Any]]:
             }
             if not loaded:
                 entry["reason"] = "unloaded" if not v.loaded else "loading or failed to load"
-            out.append(entry)
+            if loaded or not ready_only:
+                out.append(entry)
     return out
 
 

@@ -35,6 +35,28 @@ class TensorLimits:
     max_bytes_element_len: int = 1 << 20
 
 
+#: integer datatypes: the closed range of values each accepts
+INT_RANGES: dict[str, tuple[int, int]] = {
+    name: (int(np.iinfo(dt).min), int(np.iinfo(dt).max)) for name, dt in V2_TO_NUMPY.items() if dt.kind in "iu"
+}
+#: FP16 and FP32: the magnitude from which a value rounds to infinity, i.e. the largest finite value plus half a
+#: step (a tie rounds to even, which is infinity): 65504 + 16, and 2^128 - 2^104 + 2^103
+FLOAT_LIMITS: dict[str, float] = {"FP16": 65520.0, "FP32": 2.0**128 - 2.0**103}
+
+
+@dataclass(slots=True)
+class DecodedRequest:
+    """A request as both wire codecs hand it to the data plane (``binary*``: REST's binary-output choices)."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    rows: int  # size of the batch dimension (1 for models without one)
+    outputs: tuple[str, ...] | None  # None: all outputs
+    binary: dict[str, bool]  # per requested output: send as binary
+    binary_default: bool
+    timeout_us: int | None
+
+
 def check_input(
     name: object, datatype: object, shape: object, spec: TensorSpec | None, inputs_spec: dict[str, TensorSpec]
 ) -> tuple[TensorSpec, list[int], int]:

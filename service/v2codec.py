@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from dataclasses import dataclass
+from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
@@ -27,6 +27,9 @@ from backends import TensorSpec
 from backends.datatypes import V2_TO_NUMPY
 from service.errors import BadRequest, PayloadTooLarge
 from service.tensors import (
+    FLOAT_LIMITS,
+    INT_RANGES,
+    DecodedRequest,
     TensorLimits,
     bytes_input,
     check_count,
@@ -45,25 +48,7 @@ from service.tensors import (
 HEADER_LENGTH = "inference-header-content-length"
 MAX_JSON_DEPTH = 64
 
-#: integer datatypes: the closed range of JSON integers each accepts
-INT_RANGES: dict[str, tuple[int, int]] = {
-    name: (int(np.iinfo(dt).min), int(np.iinfo(dt).max)) for name, dt in V2_TO_NUMPY.items() if dt.kind in "iu"
-}
 _NUMBERS = frozenset({int, float})
-#: FP16 and FP32: the magnitude from which a value rounds to infinity, i.e. the largest finite value plus half a
-#: step (a tie rounds to even, which is infinity): 65504 + 16, and 2^128 - 2^104 + 2^103
-FLOAT_LIMITS: dict[str, float] = {"FP16": 65520.0, "FP32": 2.0**128 - 2.0**103}
-
-
-@dataclass(slots=True)
-class DecodedRequest:
-    id: str | None
-    inputs: dict[str, np.ndarray]
-    rows: int  # size of the batch dimension (1 for models without one)
-    outputs: tuple[str, ...] | None  # None: all outputs
-    binary: dict[str, bool]  # per requested output: send as binary
-    binary_default: bool
-    timeout_us: int | None
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -293,7 +278,7 @@ def encode_response(
     version: int,
     request_id: str | None,
     outputs: dict[str, np.ndarray],
-    order: tuple[str, ...] | list[str],
+    order: Sequence[str],
     binary: dict[str, bool],
     binary_default: bool,
     parameters: dict[str, Any] | None = None,

@@ -45,6 +45,7 @@ class ServedVariant:
     outputs: list[TensorSpec]
     input_index: dict[str, TensorSpec]
     output_names: frozenset[str]
+    output_order: tuple[str, ...]  # the model's outputs in order: what a request that names none gets
     max_batch_size: int
     instances: int
     scheduler: Scheduler
@@ -216,6 +217,7 @@ class VariantBuilder:
             outputs=b0.outputs,
             input_index={t.name: t for t in b0.inputs},
             output_names=frozenset(t.name for t in b0.outputs),
+            output_order=tuple(t.name for t in b0.outputs),
             max_batch_size=mbs,
             instances=len(instances),
             scheduler=sched,

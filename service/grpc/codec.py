@@ -10,6 +10,7 @@ tritonclient reads fastest).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,9 @@ from backends import TensorSpec
 from service.errors import BadRequest
 from service.grpc._generated import grpc_service_pb2 as pb
 from service.tensors import (
+    FLOAT_LIMITS,
+    INT_RANGES,
+    DecodedRequest,
     TensorLimits,
     bytes_input,
     check_count,
@@ -30,7 +34,6 @@ from service.tensors import (
     request_rows,
     split_length_prefixed,
 )
-from service.v2codec import FLOAT_LIMITS, INT_RANGES, DecodedRequest
 
 #: the typed ``InferTensorContents`` field of each datatype (Triton's mapping; FP16 travels raw only)
 CONTENTS_FIELD = {
@@ -141,7 +144,7 @@ def _from_contents(
 
 
 def encode_response(
-    model_name: str, version: int, request_id: str | None, outputs: dict[str, np.ndarray], order: list[str]
+    model_name: str, version: int, request_id: str | None, outputs: dict[str, np.ndarray], order: Sequence[str]
 ) -> pb.ModelInferResponse:
     resp = pb.ModelInferResponse(model_name=model_name, model_version=str(version), id=request_id or "")
     raw = resp.raw_output_contents

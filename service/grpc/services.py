@@ -104,19 +104,25 @@ def _parsed(request: Any) -> Any:
 
 
 R = TypeVar("R")
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+#: a call's text metadata, lower-case keys
+Metadata = Mapping[str, str]
+#: an RPC's body: the parsed request and the call's metadata (read lazily: see ``_LazyMetadata``)
+Handler = Callable[[Any, Any, Metadata], Awaitable[R]]
+#: what grpc calls: the raw request and the call's context
+Method = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 
-def rpc(admin: bool = False) -> Callable[[Handler[R]], Handler[R]]:
+def rpc(admin: bool = False) -> Callable[[Handler[R]], Method[R]]:
     """Checks the caller's token, and turns an ``ApiError`` (or an unexpected error: INTERNAL, logged) into the
-    call's status with the error's message."""
+    call's status with the error's message. The handler gets the call's metadata, read at most once per call."""
 
-    def wrap(fn: Handler[R]) -> Handler[R]:
+    def wrap(fn: Handler[R]) -> Method[R]:
         @functools.wraps(fn)
         async def handler(self: InferenceService, request: Any, context: grpc.aio.ServicerContext) -> R:
             try:
-                self.authorize(context, admin)
-                return await fn(self, _parsed(request), context)
+                metadata = _LazyMetadata(context)
+                self.authorize(metadata, admin)
+                return await fn(self, _parsed(request), metadata)
             except ApiError as e:
                 await context.abort(grpc_status(e), e.message)
             except Exception as e:
@@ -135,12 +141,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
 
-    def authorize(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
+    def authorize(self, metadata: Metadata, admin: bool) -> None:
         settings = self.ctx.settings
         if admin:
-            check_admin(settings, _call_metadata(context).get("authorization", ""))
-        elif settings.inference_token is not None:  # an open server skips reading the call's metadata (hot path)
-            check_inference(settings, _call_metadata(context).get("authorization", ""))
+            check_admin(settings, metadata.get("authorization", ""))
+        elif settings.inference_token is not None:  # an open server never reads the call's metadata (hot path)
+            check_inference(settings, metadata.get("authorization", ""))
 
     # -- health and metadata (open, as the REST health routes: probes carry no token) -------------------------
 
@@ -148,11 +154,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        ctx = self.ctx
-        return pb.ServerReadyResponse(ready=ctx.loaded.synced_once and not ctx.shutting_down)
+        return pb.ServerReadyResponse(ready=self.ctx.ready)
 
     @rpc()
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, metadata: Metadata) -> pb.ModelReadyResponse:
         """Ready or not, as Triton answers: an unknown or unservable model is not ready (not an error)."""
         try:
             await self.ctx.plane.resolve(request.name, request.version or None)
@@ -161,23 +166,25 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     @rpc()
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, metadata: Metadata) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="slimserve", version=__version__, extensions=EXTENSIONS)
 
     @rpc()
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, metadata: Metadata) -> pb.ModelMetadataResponse:
         sv = await self.ctx.plane.resolve(request.name, request.version or None)
         view = model_metadata(describe(sv), request.name, self.ctx.loaded.versions_of(sv.model))
         return json_format.ParseDict(view, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
 
     @rpc()
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: pb.ModelConfigRequest, metadata: Metadata) -> pb.ModelConfigResponse:
         sv = await self.ctx.plane.resolve(request.name, request.version or None)
         config = json_format.ParseDict(triton_config(describe(sv), request.name), model_config_pb2.ModelConfig())
         return pb.ModelConfigResponse(config=config)
 
     @rpc()
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, metadata: Metadata
+    ) -> pb.ModelStatisticsResponse:
         if request.name:
             sv = await self.ctx.plane.resolve(request.name, request.version or None)
             entries = [statistics(sv, request.name)]
@@ -188,31 +195,29 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # -- repository (admin) -----------------------------------------------------------------------------------
 
     @rpc(admin=True)
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
-        entries = await repository.index(self.ctx)
-        if request.ready:
-            entries = [e for e in entries if e["state"] == "READY"]
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, metadata: Metadata
+    ) -> pb.RepositoryIndexResponse:
+        entries = await repository.index(self.ctx, ready_only=request.ready)
         return json_format.ParseDict({"models": entries}, pb.RepositoryIndexResponse())
 
     @rpc(admin=True)
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: Any
+        self, request: pb.RepositoryModelLoadRequest, metadata: Metadata
     ) -> pb.RepositoryModelLoadResponse:
         await repository.set_loaded(self.ctx, request.model_name, True)
         return pb.RepositoryModelLoadResponse()
 
     @rpc(admin=True)
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: Any
+        self, request: pb.RepositoryModelUnloadRequest, metadata: Metadata
     ) -> pb.RepositoryModelUnloadResponse:
         await repository.set_loaded(self.ctx, request.model_name, False)
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference ----------------------------------------------------------------------------------------------
 
-    async def infer(
-        self, request: pb.ModelInferRequest, metadata: Mapping[str, str] | None = None
-    ) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, metadata: Metadata | None = None) -> pb.ModelInferResponse:
         """The gRPC front end of the data plane: only the protobuf codec is specific to it. ``metadata``: the call's
         (lower-case keys), where a traffic policy's sticky key is read."""
         plane = self.ctx.plane
@@ -221,8 +226,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             req = decode_request(request, sv.input_index, sv.output_names, sv.max_batch_size, self.ctx.limits)
             outputs = await plane.submit(sv, req.inputs, req.outputs, req.rows, req.timeout_us)
-            order = list(req.outputs) if req.outputs else [o.name for o in sv.outputs]
-            response = encode_response(request.model_name, sv.version, req.id, outputs, order)
+            response = encode_response(request.model_name, sv.version, req.id, outputs, req.outputs or sv.output_order)
         except asyncio.CancelledError:  # the client cancelled the call or went away
             plane.abandon(sv, PROTOCOL)
             raise
@@ -233,19 +237,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @rpc()
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self.infer(request, _LazyMetadata(context))
+    async def ModelInfer(self, request: pb.ModelInferRequest, metadata: Metadata) -> pb.ModelInferResponse:
+        return await self.infer(request, metadata)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Bidirectional: requests are answered as they complete (each response carries its request's id); a failed
         request answers with its ``error_message`` and the stream goes on, as in Triton."""
+        metadata = _LazyMetadata(context)
         try:
-            self.authorize(context, admin=False)
+            self.authorize(metadata, admin=False)
         except ApiError as e:
             await context.abort(grpc_status(e), e.message)
-        metadata = _call_metadata(context)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from fastapi import Request
 
-from model_store import RecordConflict, RecordNotFound
 from service.context import AppContext
-from service.errors import Conflict, NotFound, PayloadTooLarge
-
-P = ParamSpec("P")
-T = TypeVar("T")
+from service.errors import PayloadTooLarge
 
 ERROR_SCHEMA = {
     "content": {
@@ -60,13 +54,3 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body is over the {limit}-byte limit")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def store_call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Run a blocking store operation off the event loop, mapping its lookup errors to 404 / 409."""
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except RecordNotFound as e:
-        raise NotFound(str(e)) from None
-    except RecordConflict as e:
-        raise Conflict(str(e)) from None

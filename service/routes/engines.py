@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from model_store import EngineRecord, VariantRecord
 from service.auth import require_admin
 from service.context import AppContext
-from service.errors import NotFound
-from service.routes.common import ctx_of, errors, store_call
+from service.errors import NotFound, store_call
+from service.routes.common import ctx_of, errors
 
 router = APIRouter(prefix="/v1", tags=["engines"], dependencies=[Depends(require_admin)])
 PATH = "/models/{name}/versions/{version}/variants/{variant}/engines"

@@ -17,8 +17,8 @@ from compression.optimize.spec import OptimizeSpec
 from compression.spec import CompressionSpec
 from model_store import JobRecord, QueueFull
 from service.auth import require_admin
-from service.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unprocessable
-from service.routes.common import ctx_of, errors, store_call
+from service.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unprocessable, store_call
+from service.routes.common import ctx_of, errors
 from service.routes.management import read_form
 from service.views import version_view
 

@@ -15,9 +15,9 @@ from starlette.types import Message
 from model_store import NewVariant
 from service.auth import require_admin
 from service.context import AppContext
-from service.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from service.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType, store_call
 from service.model_config import ModelConfig
-from service.routes.common import ctx_of, errors, store_call
+from service.routes.common import ctx_of, errors
 from service.uploads import prepare_upload
 from service.views import model_view, version_view
 

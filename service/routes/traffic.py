@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from model_store import TrafficPolicyRecord
 from service.auth import require_admin
 from service.context import AppContext
-from service.errors import NotFound
-from service.routes.common import ctx_of, errors, store_call
+from service.errors import NotFound, store_call
+from service.routes.common import ctx_of, errors
 from service.traffic import TrafficPolicy, check_variants
 
 router = APIRouter(prefix="/v1", tags=["traffic"], dependencies=[Depends(require_admin)])

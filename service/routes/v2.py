@@ -76,7 +76,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             ctx.limits,
         )
         outputs = await plane.submit(sv, req.inputs, req.outputs, req.rows, req.timeout_us)
-        order = req.outputs or [o.name for o in sv.outputs]
+        order = req.outputs or sv.output_order
         payload, header_len = encode_response(
             model_name, sv.version, req.id, outputs, order, req.binary, req.binary_default, {VARIANT_PARAM: sv.variant}
         )
@@ -103,7 +103,7 @@ async def live() -> dict[str, bool]:
 @health_router.get("/v2/health/ready", responses=errors(503))
 async def ready(request: Request) -> dict[str, bool]:
     ctx = ctx_of(request)
-    if ctx.shutting_down or not ctx.loaded.synced_once:
+    if not ctx.ready:
         raise Unavailable("not ready: models are still loading" if not ctx.shutting_down else "shutting down")
     return {"ready": True}
 
