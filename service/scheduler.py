@@ -95,9 +95,7 @@ class Stats:
             self.compute_input.add(ready, n)
             self.compute_infer.add(infer, n)
             self.compute_output.add(out, n)
-            queue = self.queue
-            queue.count += n
-            queue.ns += start * n - sum(enqueued)
+            self.queue.add(start * n - sum(enqueued), n)  # each request's wait, start - enqueued, summed
             bs = self.batch.get(rows)
             if bs is None:
                 bs = self.batch[rows] = (_Duration(), _Duration(), _Duration())
@@ -244,10 +242,12 @@ class Scheduler:
         with self._cond:
             if self._stopped or self._queue or self._cost_samples < _INLINE_MIN_SAMPLES:
                 return -1
-            elements = sum(a.size for a in inputs.values())
-            if self._ns_per_element * elements > self.config.inline_max_ns or all(self._busy):
+            if self._ns_per_element * sum(a.size for a in inputs.values()) > self.config.inline_max_ns:
                 return -1
-            lent = self._busy.index(False)
+            try:
+                lent = self._busy.index(False)
+            except ValueError:  # every instance is busy
+                return -1
             self._busy[lent] = True
             return lent
 
