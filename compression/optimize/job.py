@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 VARIANT = "optimized"
 HONESTY_ROUNDS = 20  # interleaved rounds of the candidate against the original
-MAX_TIMED = 3  # candidates timed against the original before giving up on a faster one
 #: (runnable model, samples, spec, progress) -> the measured serving config
 Tuner = Callable[[bytes, "Samples", OptimizeSpec, Callable[[float], None]], dict[str, Any]]
 
@@ -154,11 +153,12 @@ def _choose(
     model_bytes: bytes,
 ) -> tuple[dict[str, Any] | None, bool, str, dict[str, tuple[Any, bool, str]]]:
     """(choice, honest, why, per checked trial (timing, honest, why)): the cheapest honest candidate within
-    tolerance, or the cheapest candidate (not honest, with the reason) when none of the first ``MAX_TIMED`` is."""
+    tolerance, or the cheapest candidate (not honest, with the reason) when none of the first
+    ``frontier.MAX_TIMED`` is."""
     cands = frontier.candidates(rows, spec.objective)
     checked: dict[str, tuple[Any, bool, str]] = {}
     first: tuple[dict[str, Any], bool, str] | None = None
-    for row in cands if spec.objective == "size" else cands[:MAX_TIMED]:
+    for row in cands if spec.objective == "size" else cands[: frontier.MAX_TIMED]:
         timing = None
         if spec.objective != "size":
             batch = THROUGHPUT_BATCH if spec.objective == "throughput" else 1
