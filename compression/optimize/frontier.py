@@ -13,7 +13,10 @@ The compress pipeline's default (``compression.pipeline``) is held to the same b
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from compression.timing import Comparison
 
 SPEED_MARGIN = 0.05  # a variant becomes the default only when faster than the original by this, beyond noise
 SIZE_MARGIN = 0.01
@@ -81,10 +84,10 @@ def describe(row: dict[str, Any]) -> str:
 
 
 def honesty(
-    row: dict[str, Any], original: dict[str, Any], objective: str, timing: dict[str, Any] | None
+    row: dict[str, Any], original: dict[str, Any], objective: str, timing: Comparison | None
 ) -> tuple[bool, str]:
-    """(honest, why): does the variant deliver what its objective and name say? ``timing`` is a
-    ``compression.timing.Comparison`` dict of this variant against the original (latency/throughput)."""
+    """(honest, why): does the variant deliver what its objective and name say? ``timing`` compares this
+    variant against the original (latency/throughput)."""
     names = [name for name, _ in row["chain"]]
     if any(n.startswith("int8") for n in names):
         mostly_float = int8_verdict(row.get("int8_weight_share", 0.0))
@@ -97,10 +100,7 @@ def honesty(
         return True, f"{original['size_bytes'] / row['size_bytes']:.2f}x smaller than the original"
     if timing is None:
         return False, "not timed against the original"
-    span = (
-        f"time ratio {timing['ratio']:.3f} (95 % interval {timing['low']:.3f}-{timing['high']:.3f}, "
-        f"{timing['rounds']} rounds)"
-    )
-    if timing["high"] >= 1.0 - SPEED_MARGIN:
+    span = f"time ratio {timing.ratio:.3f} (95 % interval {timing.low:.3f}-{timing.high:.3f}, {timing.rounds} rounds)"
+    if not timing.faster(SPEED_MARGIN):
         return False, f"not faster than the original by {100 * SPEED_MARGIN:.0f} % beyond noise: {span}"
     return True, f"faster than the original beyond noise: {span}"

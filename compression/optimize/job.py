@@ -159,15 +159,13 @@ def _choose(
     checked: dict[str, tuple[Any, bool, str]] = {}
     first: tuple[dict[str, Any], bool, str] | None = None
     for row in cands if spec.objective == "size" else cands[: frontier.MAX_TIMED]:
-        timing = None
+        timing, shown = None, None
         if spec.objective != "size":
             batch = THROUGHPUT_BATCH if spec.objective == "throughput" else 1
-            timing = compare_latency(
-                runnable(row["key"]), model_bytes, evaluation, rounds=HONESTY_ROUNDS, batch=batch
-            ).to_dict()
-            timing["batch"] = batch
+            timing = compare_latency(runnable(row["key"]), model_bytes, evaluation, rounds=HONESTY_ROUNDS, batch=batch)
+            shown = {**timing.to_dict(), "batch": batch}
         honest, why = frontier.honesty(row, original, spec.objective, timing)
-        checked[row["key"]] = (timing, honest, why)
+        checked[row["key"]] = (shown, honest, why)
         if first is None:
             first = (row, honest, why)
         if honest:
