@@ -11,13 +11,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from backends import TensorSpec
-from compression.calibration import parse_npz
+from compression.compress_job import job_inputs, job_spec
 from compression.evaluate import compare_latency
 from compression.optimize import frontier
 from compression.optimize.search import THROUGHPUT_BATCH, Search
 from compression.optimize.spec import OptimizeSpec
-from compression.pipeline import CompressionData, NeedsData
 from model_store import NewVariant
 
 if TYPE_CHECKING:
@@ -25,6 +23,7 @@ if TYPE_CHECKING:
     from compression.job_context import JobContext
 
 VARIANT = "optimized"
+NEEDS_DATA = "optimize measures accuracy on samples: upload the version (or send the job) with a calibration .npz"
 HONESTY_ROUNDS = 20  # interleaved rounds of the candidate against the original
 #: (runnable model, samples, spec, progress) -> the measured serving config
 Tuner = Callable[[bytes, "Samples", OptimizeSpec, Callable[[float], None]], dict[str, Any]]
@@ -32,21 +31,11 @@ Tuner = Callable[[bytes, "Samples", OptimizeSpec, Callable[[float], None]], dict
 
 def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, Any]:
     job, store = ctx.job, ctx.store
-    spec = OptimizeSpec.model_validate({k: v for k, v in job.spec.items() if k != "calibration_sha256"})
+    spec = job_spec(job, OptimizeSpec)
     ctx.stages[:] = ["search", "choose", *(["tune"] if tuner and spec.tune_serving else []), "publish"]
-    version = store.catalog.get_version(job.model, job.version)
-    original = version.variant("original")
-    if original is None:
-        raise ValueError(f"{job.model} version {job.version} has no original variant")
-    cal_sha = job.spec.get("calibration_sha256") or version.calibration_sha256
-    if not cal_sha:
-        raise NeedsData(
-            "optimize measures accuracy on samples: upload the version (or send the job) with a calibration .npz"
-        )
-    inputs = [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in original.details.get("inputs", [])]
-    data = CompressionData.split(parse_npz(store.blobs.get_bytes(cal_sha), inputs), spec.holdout_fraction)
+    inputs = job_inputs(ctx, spec.holdout_fraction, needs_data=NEEDS_DATA)
+    version, model_bytes, data = inputs.version, inputs.model_bytes, inputs.data
     assert data.calibration is not None and data.evaluation is not None
-    model_bytes = store.blobs.get_bytes(original.runnable_sha256)
     t0 = time.perf_counter()
     search = Search(
         job.id, model_bytes, spec, data.calibration, data.evaluation, store.trials, store.blobs, ctx.progress
