@@ -236,9 +236,7 @@ class Search:
                 lo = probe
             else:
                 hi = probe
-            probe = (lo + hi) // 2 if hi - lo > 1 else probe
-            if hi - lo > 1 and probe == lo:
-                probe = lo + 1
+            probe = (lo + hi) // 2  # strictly between lo and hi while hi - lo > 1
 
     # -- one trial --------------------------------------------------------------------------------------
 
