@@ -7,6 +7,7 @@ which lives in ``service``; compression must not import service, so the service'
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from compression.evaluate import compare_latency
 from compression.optimize import frontier
 from compression.optimize.search import THROUGHPUT_BATCH, Search
 from compression.optimize.spec import OptimizeSpec
-from model_store import NewVariant
+from model_store import NewVariant, TrialRecord
 
 if TYPE_CHECKING:
     from compression.calibration import Samples
@@ -56,10 +57,17 @@ def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, A
     }
     ctx.progress("choose", 0.0)
 
-    def runnable_of(key: str) -> bytes:
+    @functools.cache
+    def trial_of(key: str) -> TrialRecord:
         trial = store.trials.get(job.id, key)
-        assert trial is not None and trial.runnable_sha256
-        return store.blobs.get_bytes(trial.runnable_sha256)
+        assert trial is not None
+        return trial
+
+    @functools.lru_cache(maxsize=1)  # the choice, when it was the last one timed, is not read again to be tuned
+    def runnable_of(key: str) -> bytes:
+        sha = trial_of(key).runnable_sha256
+        assert sha
+        return store.blobs.get_bytes(sha)
 
     choice, honest, why, timed = _choose(rows, original_row, spec, runnable_of, data.evaluation, model_bytes)
     for r in rows:
@@ -86,8 +94,8 @@ def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, A
             )
         result["seconds"] = round(time.perf_counter() - t0, 3)
         return result
-    trial = store.trials.get(job.id, choice["key"])
-    assert trial is not None and trial.artifact_sha256 and trial.runnable_sha256
+    trial = trial_of(choice["key"])
+    assert trial.artifact_sha256 and trial.runnable_sha256
     serving: dict[str, Any] | None = None
     if tuner is not None and spec.tune_serving:
         ctx.progress("tune", 0.0)
@@ -146,7 +154,7 @@ def _choose(
     ``frontier.MAX_TIMED`` is."""
     cands = frontier.candidates(rows, spec.objective)
     checked: dict[str, tuple[Any, bool, str]] = {}
-    first: tuple[dict[str, Any], bool, str] | None = None
+    first: tuple[dict[str, Any], str] | None = None  # the cheapest candidate, and why it is not honest
     for row in cands if spec.objective == "size" else cands[: frontier.MAX_TIMED]:
         timing, shown = None, None
         if spec.objective != "size":
@@ -155,13 +163,13 @@ def _choose(
             shown = {**timing.to_dict(), "batch": batch}
         honest, why = frontier.honesty(row, original, spec.objective, timing)
         checked[row["key"]] = (shown, honest, why)
-        if first is None:
-            first = (row, honest, why)
         if honest:
             return row, True, why, checked
+        if first is None:
+            first = (row, why)
     if first is None:
         return None, False, "", checked
-    return first[0], False, first[2], checked
+    return first[0], False, first[1], checked
 
 
 def _kind(chain: list[Any]) -> str:
