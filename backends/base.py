@@ -18,6 +18,11 @@ class TensorSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        """The inverse of ``to_dict``."""
+        return cls(d["name"], d["datatype"], tuple(d["shape"]))
+
 
 class BackendError(RuntimeError):
     """The runtime failed to load or run a model."""

@@ -18,7 +18,6 @@ digits: the digits CNN uploaded with its 1197 training samples and labels; top-1
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -36,15 +35,11 @@ import numpy as np  # noqa: E402
 
 from compression.evaluate import run_model  # noqa: E402
 from compression.metrics import compare  # noqa: E402
+from compression.optimize.frontier import describe  # noqa: E402
 from compression.timing import compare_timings  # noqa: E402
 from model_store import open_store  # noqa: E402
 from service.settings import usable_cpus  # noqa: E402
-
-
-def npz(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
+from tests.compression.optimize_helpers import npz  # noqa: E402
 
 
 def serve(data: Path) -> Any:
@@ -88,14 +83,12 @@ def trials_table(result: dict[str, Any]) -> str:
     lines = ["| trial | loss | size MB | ratio | p50 ms b1 | p99 ms b1 | rows/s b32 | frontier | chosen | honest |"]
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for t in result["trials"]:
-        chain = " -> ".join(
-            f"{n}({', '.join(f'{k}={v}' for k, v in knobs.items())})" if knobs else n for n, knobs in t["chain"]
-        )
+        chain = describe(t)
         if t.get("state") != "done":
             lines.append(f"| {chain} | failed: {t.get('error', '')[:80]} | | | | | | | | |")
             continue
         lines.append(
-            f"| {chain or 'original'} | {t['loss']:.4f} | {t['size_bytes'] / 1e6:.2f} | {t['compression_ratio']:.2f}x "
+            f"| {chain} | {t['loss']:.4f} | {t['size_bytes'] / 1e6:.2f} | {t['compression_ratio']:.2f}x "
             f"| {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['throughput']:.0f} | {'*' if t['on_frontier'] else ''} "
             f"| {'>' if t['chosen'] else ''} | {t.get('honest', '')} |"
         )

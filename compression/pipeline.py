@@ -8,7 +8,8 @@ spec's tolerance (the original when nothing qualifies, or when there is no data 
 The default must be honest and beyond noise: a variant that is not smaller than the original, or an int8 one with
 most of its weight bytes still float, is reported ``honest: false`` with the reason and never becomes the default;
 and the fastest candidate is timed against the original (interleaved rounds, ``compression.timing``) and becomes
-the default only when faster by more than ``DEFAULT_MARGIN`` beyond the noise.
+the default only when faster by more than ``SPEED_MARGIN`` beyond the noise. These bars are the optimize job's
+(``compression.optimize.frontier``), defined there once.
 
 Quantization makes two int8 forms. ``int8`` (QDQ, symmetric) is always published: it is the form TensorRT
 consumes. ``int8-cpu`` (the form ONNX Runtime's CPU kernels run fastest) is published only when it is timed
@@ -28,6 +29,7 @@ import onnx
 
 from compression.calibration import Samples
 from compression.fold import fold_constants
+from compression.optimize.frontier import MAX_TIMED, SPEED_MARGIN, int8_verdict
 from compression.spec import CompressionSpec
 
 Progress = Callable[[str, float], None]
@@ -37,9 +39,6 @@ CPU_FORM_ROUNDS = 30  # interleaved rounds of the int8-cpu / int8 timing (at lea
 # two threads on two busy cores the digits CNN's interval moved between runs from 0.767-0.789 to 0.728-1.054,
 # with one it stayed within 0.74-0.79 (bench/int8_forms.py, docs/benchmarks.md).
 CPU_FORM_THREADS = 1
-DEFAULT_MARGIN = 0.05  # a variant becomes the default only when faster than the original by this, beyond noise
-MAX_DEFAULT_TRIES = 3
-INT8_SHARE = 0.5  # an "int8" variant must hold at least this share of its weight bytes in int8
 
 
 class NeedsData(ValueError):
@@ -134,11 +133,11 @@ def run_pipeline(original: bytes, spec: CompressionSpec, data: CompressionData, 
 
         assert sample is not None
         timing = compare_latency(runnable[name], original, sample, rounds=CPU_FORM_ROUNDS, threads=CPU_FORM_THREADS)
-        ok = timing.faster(DEFAULT_MARGIN)
+        ok = timing.faster(SPEED_MARGIN)
         notes.append(
             f"{name} {'is' if ok else 'is not'} faster than the original beyond noise: time ratio {timing.ratio:.3f} "
             f"(95% interval {timing.low:.3f}-{timing.high:.3f}, {timing.rounds} rounds; below "
-            f"{1 - DEFAULT_MARGIN:.2f} needed to become the default)"
+            f"{1 - SPEED_MARGIN:.2f} needed to become the default)"
         )
         return ok
 
@@ -268,7 +267,7 @@ def accuracy_delta(primary: dict[str, Any], metric: str) -> float | None:
 
 def choose_default(table: list[dict[str, Any]], tolerance: float, faster: Callable[[str], bool] | None = None) -> str:
     """The fastest honest variant (p50 at batch 1) whose accuracy loss is within ``tolerance`` and, with
-    ``faster``, that is timed faster than the original beyond the noise (the first ``MAX_DEFAULT_TRIES``
+    ``faster``, that is timed faster than the original beyond the noise (the first ``MAX_TIMED``
     candidates are timed, fastest first); the original when none is."""
     ranked = []
     for row in table:
@@ -280,7 +279,7 @@ def choose_default(table: list[dict[str, Any]], tolerance: float, faster: Callab
         p50 = (row.get("latency") or {}).get("p50_ms")
         if p50 is not None:
             ranked.append((p50, row["variant"]))
-    for _, name in sorted(ranked)[:MAX_DEFAULT_TRIES]:
+    for _, name in sorted(ranked)[:MAX_TIMED]:
         if faster is None or faster(name):
             return name
     return "original"
@@ -292,9 +291,9 @@ def honesty(kind: str, size_bytes: int, original_bytes: int, runnable: bytes) ->
     from compression.evaluate import int8_weight_share
 
     if kind.startswith("int8"):
-        share = int8_weight_share(onnx.load_from_string(runnable))
-        if share < INT8_SHARE:
-            return False, f"an int8 variant with only {100 * share:.0f} % of its weight bytes in int8: mostly float"
+        mostly_float = int8_verdict(int8_weight_share(onnx.load_from_string(runnable)))
+        if mostly_float is not None:
+            return False, mostly_float
     if size_bytes >= original_bytes:
         return False, f"not smaller than the original ({size_bytes:,} vs {original_bytes:,} bytes)"
     return True, f"{original_bytes / size_bytes:.2f}x smaller than the original"

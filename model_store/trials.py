@@ -1,9 +1,10 @@
 """The trials of optimize jobs: claimed by compare-and-set, finished once, shared by the workers of one search.
 
 A search asks ``claim(job, key, chain, owner, lease_s)`` before it builds a trial and gets one of three answers:
-``Claim("mine")`` (build it, then ``finish`` or ``fail``), ``Claim("done", record)`` (a worker finished it before:
-use its metrics and artifact, build nothing) or ``Claim("busy")`` (another worker holds a live lease on it: do
-something else, and ``wait`` for it later). A trial whose holder died (lease expired) is claimed again.
+``Claim("mine")`` (build it, ``renew`` the lease while building, then ``finish`` it, with ``error`` when it
+failed), ``Claim("done", record)`` (a worker finished it before: use its metrics and artifact, build nothing) or
+``Claim("busy")`` (another worker holds a live lease on it: ``claim`` it again later). A trial whose holder died
+(lease expired) is claimed again.
 """
 
 from __future__ import annotations

@@ -31,13 +31,14 @@ from compression.calibration import Samples
 from compression.optimize.spec import OptimizeSpec
 from service.metrics import Metrics
 from service.scheduler import Scheduler, SchedulerConfig, Stats
-from service.settings import usable_cpus
+from service.settings import Settings, usable_cpus
 
 WINDOW_S = 1.5  # measured seconds per config, after the warm-up
 MIN_GAIN = 0.05  # a knob's new value is kept only when it wins by more than this
 CONFIRM_ROUNDS = 2  # interleaved re-measurements of a winning change before it is kept
 MAX_QUEUE = 100_000
-DEFAULT_MAX_BATCH = 32  # what the server batches up to when a config does not say (SLIMSERVE_MAX_BATCH_SIZE)
+#: what the server batches up to when a config does not say (SLIMSERVE_DEFAULT_MAX_BATCH_SIZE's default)
+DEFAULT_MAX_BATCH: int = Settings.model_fields["default_max_batch_size"].default
 BACKEND = "onnxruntime-cpu"
 
 

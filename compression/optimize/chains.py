@@ -57,15 +57,15 @@ def build_chain(
     progress: Callable[[float], None] | None = None,
 ) -> Built:
     """Apply ``chain`` to ``model`` (the fp32 original, constants folded)."""
-    order = check_chain(name for name, _ in chain)
-    steps = sorted(chain, key=lambda s: order.index(s[0]))
+    knobs_of = dict(chain)  # check_chain refuses a pass named twice
+    steps: Chain = [(name, knobs_of[name]) for name in check_chain(name for name, _ in chain)]
     details: dict[str, Any] = {}
     current = model
     artifact: bytes | None = None
     start = 0
-    for i in range(len(steps), 0, -1):  # the longest prefix already built
+    for i in range(len(steps), 0, -1):  # the longest prefix already built (none ends in a pass with an artifact)
         hit = cache.prefixes.get(trial_key(steps[:i]))
-        if hit is not None and steps[i - 1][0] not in ("encode", "allocate"):
+        if hit is not None:
             current, start = hit, i
             details["reused_prefix"] = [s[0] for s in steps[:i]]
             break

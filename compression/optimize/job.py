@@ -7,47 +7,36 @@ which lives in ``service``; compression must not import service, so the service'
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from backends import TensorSpec
-from compression.calibration import parse_npz
+from compression.compress_job import job_inputs, job_spec
 from compression.evaluate import compare_latency
 from compression.optimize import frontier
 from compression.optimize.search import THROUGHPUT_BATCH, Search
 from compression.optimize.spec import OptimizeSpec
-from compression.pipeline import CompressionData, NeedsData
-from model_store import NewVariant
+from model_store import NewVariant, TrialRecord
 
 if TYPE_CHECKING:
     from compression.calibration import Samples
     from compression.job_context import JobContext
 
 VARIANT = "optimized"
+NEEDS_DATA = "optimize measures accuracy on samples: upload the version (or send the job) with a calibration .npz"
 HONESTY_ROUNDS = 20  # interleaved rounds of the candidate against the original
-MAX_TIMED = 3  # candidates timed against the original before giving up on a faster one
 #: (runnable model, samples, spec, progress) -> the measured serving config
 Tuner = Callable[[bytes, "Samples", OptimizeSpec, Callable[[float], None]], dict[str, Any]]
 
 
 def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, Any]:
     job, store = ctx.job, ctx.store
-    spec = OptimizeSpec.model_validate({k: v for k, v in job.spec.items() if k != "calibration_sha256"})
+    spec = job_spec(job, OptimizeSpec)
     ctx.stages[:] = ["search", "choose", *(["tune"] if tuner and spec.tune_serving else []), "publish"]
-    version = store.catalog.get_version(job.model, job.version)
-    original = version.variant("original")
-    if original is None:
-        raise ValueError(f"{job.model} version {job.version} has no original variant")
-    cal_sha = job.spec.get("calibration_sha256") or version.calibration_sha256
-    if not cal_sha:
-        raise NeedsData(
-            "optimize measures accuracy on samples: upload the version (or send the job) with a calibration .npz"
-        )
-    inputs = [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in original.details.get("inputs", [])]
-    data = CompressionData.split(parse_npz(store.blobs.get_bytes(cal_sha), inputs), spec.holdout_fraction)
+    inputs = job_inputs(ctx, spec.holdout_fraction, needs_data=NEEDS_DATA)
+    version, model_bytes, data = inputs.version, inputs.model_bytes, inputs.data
     assert data.calibration is not None and data.evaluation is not None
-    model_bytes = store.blobs.get_bytes(original.runnable_sha256)
     t0 = time.perf_counter()
     search = Search(
         job.id, model_bytes, spec, data.calibration, data.evaluation, store.trials, store.blobs, ctx.progress
@@ -68,10 +57,17 @@ def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, A
     }
     ctx.progress("choose", 0.0)
 
-    def runnable_of(key: str) -> bytes:
+    @functools.cache
+    def trial_of(key: str) -> TrialRecord:
         trial = store.trials.get(job.id, key)
-        assert trial is not None and trial.runnable_sha256
-        return store.blobs.get_bytes(trial.runnable_sha256)
+        assert trial is not None
+        return trial
+
+    @functools.lru_cache(maxsize=1)  # the choice, when it was the last one timed, is not read again to be tuned
+    def runnable_of(key: str) -> bytes:
+        sha = trial_of(key).runnable_sha256
+        assert sha
+        return store.blobs.get_bytes(sha)
 
     choice, honest, why, timed = _choose(rows, original_row, spec, runnable_of, data.evaluation, model_bytes)
     for r in rows:
@@ -98,8 +94,8 @@ def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, A
             )
         result["seconds"] = round(time.perf_counter() - t0, 3)
         return result
-    trial = store.trials.get(job.id, choice["key"])
-    assert trial is not None and trial.artifact_sha256 and trial.runnable_sha256
+    trial = trial_of(choice["key"])
+    assert trial.artifact_sha256 and trial.runnable_sha256
     serving: dict[str, Any] | None = None
     if tuner is not None and spec.tune_serving:
         ctx.progress("tune", 0.0)
@@ -154,27 +150,26 @@ def _choose(
     model_bytes: bytes,
 ) -> tuple[dict[str, Any] | None, bool, str, dict[str, tuple[Any, bool, str]]]:
     """(choice, honest, why, per checked trial (timing, honest, why)): the cheapest honest candidate within
-    tolerance, or the cheapest candidate (not honest, with the reason) when none of the first ``MAX_TIMED`` is."""
+    tolerance, or the cheapest candidate (not honest, with the reason) when none of the first
+    ``frontier.MAX_TIMED`` is."""
     cands = frontier.candidates(rows, spec.objective)
     checked: dict[str, tuple[Any, bool, str]] = {}
-    first: tuple[dict[str, Any], bool, str] | None = None
-    for row in cands if spec.objective == "size" else cands[:MAX_TIMED]:
-        timing = None
+    first: tuple[dict[str, Any], str] | None = None  # the cheapest candidate, and why it is not honest
+    for row in cands if spec.objective == "size" else cands[: frontier.MAX_TIMED]:
+        timing, shown = None, None
         if spec.objective != "size":
             batch = THROUGHPUT_BATCH if spec.objective == "throughput" else 1
-            timing = compare_latency(
-                runnable(row["key"]), model_bytes, evaluation, rounds=HONESTY_ROUNDS, batch=batch
-            ).to_dict()
-            timing["batch"] = batch
+            timing = compare_latency(runnable(row["key"]), model_bytes, evaluation, rounds=HONESTY_ROUNDS, batch=batch)
+            shown = {**timing.to_dict(), "batch": batch}
         honest, why = frontier.honesty(row, original, spec.objective, timing)
-        checked[row["key"]] = (timing, honest, why)
-        if first is None:
-            first = (row, honest, why)
+        checked[row["key"]] = (shown, honest, why)
         if honest:
             return row, True, why, checked
+        if first is None:
+            first = (row, why)
     if first is None:
         return None, False, "", checked
-    return first[0], False, first[2], checked
+    return first[0], False, first[1], checked
 
 
 def _kind(chain: list[Any]) -> str:

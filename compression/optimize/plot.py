@@ -1,19 +1,24 @@
 """The frontier plot of an optimize job: accuracy loss against batch-1 latency, stored size as marker area,
-the Pareto frontier drawn as a step line and the choice ringed. SVG, drawn with matplotlib's Agg backend."""
+the Pareto frontier drawn as a step line and the choice ringed. SVG, drawn with matplotlib's Agg backend.
+
+matplotlib (the ``compression`` extra) is imported with the module, so that importing it fails without matplotlib:
+the plot route answers 404 then. pyplot is imported only when a plot is drawn.
+"""
 
 from __future__ import annotations
 
 import io
 from typing import Any
 
+import matplotlib
+
 from compression.optimize.frontier import cost, finished
+
+matplotlib.use("Agg")
 
 
 def frontier_svg(result: dict[str, Any]) -> bytes:
     """An SVG of the job result's trials (see the module doc)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = finished(result.get("trials") or [])

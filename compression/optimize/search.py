@@ -34,7 +34,7 @@ from compression.metrics import compare
 from compression.optimize.chains import Chain, ChainCache, build_chain, trial_key
 from compression.optimize.judge import Judgement, judge_outputs, worst_loss
 from compression.optimize.spec import OptimizeSpec
-from compression.passes import PASSES
+from compression.passes import PASSES, RECIPES
 from model_store import BlobStore, TrialRecord, TrialStore
 from model_store.blobs import crash_point
 
@@ -70,21 +70,31 @@ def _allowed(name: str, targets: list[str]) -> bool:
     return set(targets) <= set(PASSES[name].targets)
 
 
+def _recipe(name: str) -> dict[str, dict[str, Any]]:
+    """A recipe's passes and their knobs (copies: a plan's chains do not share the recipe's dicts)."""
+    return {step: dict(knobs) for step, knobs in RECIPES[name]}
+
+
 def plan(family: str, spec: OptimizeSpec) -> list[Ladder]:
     """The ladders to bisect for this model family, objective and targets, best first (see module doc)."""
     ladders: list[Ladder] = []
+    latency = _recipe("transformer-latency-cpu")
     fuse: Chain = (
-        [("fuse_transformer", {"attention": True, "skip_layer_norm": False})] if family == "transformer" else []
+        [("fuse_transformer", latency["fuse_transformer"])]
+        if family == "transformer" and _allowed("fuse_transformer", spec.targets)
+        else []
     )
-    if family == "transformer" and not _allowed("fuse_transformer", spec.targets):
-        fuse = []
+    # int8 embeddings off -> on; the recipe's rung first
+    embeddings = (False, True)
+    dynamic: list[Chain] = [[*fuse, ("int8_dynamic", {**latency["int8_dynamic"], "embeddings": e})] for e in embeddings]
+    dynamic_start = embeddings.index(latency["int8_dynamic"]["embeddings"])
     if spec.objective in ("latency", "throughput"):
         if _allowed("int8_dynamic", spec.targets) and family != "cnn":
             ladders.append(
                 Ladder(
                     "int8_dynamic",
-                    [[*fuse, ("int8_dynamic", {"smooth_alpha": "auto", "embeddings": e})] for e in (False, True)],
-                    1,
+                    dynamic,
+                    dynamic_start,
                     "recipe transformer-latency-cpu: dynamic int8 with SmoothQuant; int8 embeddings tried first",
                 )
             )
@@ -119,7 +129,7 @@ def plan(family: str, spec: OptimizeSpec) -> list[Ladder]:
                     Ladder(
                         "allocate",
                         [[("allocate", {"target_ratio": r})] for r in ratios],
-                        ratios.index(40),
+                        ratios.index(_recipe("cnn-size")["allocate"]["target_ratio"]),
                         "recipe cnn-size: per-layer sparsity and bits to a byte budget, shared and encoded",
                     )
                 )
@@ -135,10 +145,7 @@ def plan(family: str, spec: OptimizeSpec) -> list[Ladder]:
         if _allowed("int8_dynamic", spec.targets) and family != "cnn":
             ladders.append(
                 Ladder(
-                    "int8_dynamic",
-                    [[*fuse, ("int8_dynamic", {"smooth_alpha": "auto", "embeddings": e})] for e in (False, True)],
-                    1,
-                    "dynamic int8 with int8 embeddings: 3.9x smaller and faster",
+                    "int8_dynamic", dynamic, dynamic_start, "dynamic int8 with int8 embeddings: 3.9x smaller and faster"
                 )
             )
         if family != "cnn" and _allowed("encode", spec.targets):
@@ -236,9 +243,7 @@ class Search:
                 lo = probe
             else:
                 hi = probe
-            probe = (lo + hi) // 2 if hi - lo > 1 else probe
-            if hi - lo > 1 and probe == lo:
-                probe = lo + 1
+            probe = (lo + hi) // 2  # strictly between lo and hi while hi - lo > 1
 
     # -- one trial --------------------------------------------------------------------------------------
 
