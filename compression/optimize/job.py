@@ -7,7 +7,6 @@ which lives in ``service``; compression must not import service, so the service'
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from compression.evaluate import compare_latency
 from compression.optimize import frontier
 from compression.optimize.search import THROUGHPUT_BATCH, Search
 from compression.optimize.spec import OptimizeSpec
-from model_store import NewVariant, TrialRecord
+from model_store import NewVariant
 
 if TYPE_CHECKING:
     from compression.calibration import Samples
@@ -57,17 +56,10 @@ def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, A
     }
     ctx.progress("choose", 0.0)
 
-    @functools.cache
-    def trial_of(key: str) -> TrialRecord:
-        trial = store.trials.get(job.id, key)
-        assert trial is not None
-        return trial
-
-    @functools.lru_cache(maxsize=1)  # the choice, when it was the last one timed, is not read again to be tuned
     def runnable_of(key: str) -> bytes:
-        sha = trial_of(key).runnable_sha256
-        assert sha
-        return store.blobs.get_bytes(sha)
+        trial = store.trials.get(job.id, key)
+        assert trial is not None and trial.runnable_sha256
+        return store.blobs.get_bytes(trial.runnable_sha256)
 
     choice, honest, why, timed = _choose(rows, original_row, spec, runnable_of, data.evaluation, model_bytes)
     for r in rows:
@@ -94,8 +86,8 @@ def run_optimize_job(ctx: JobContext, tuner: Tuner | None = None) -> dict[str, A
             )
         result["seconds"] = round(time.perf_counter() - t0, 3)
         return result
-    trial = trial_of(choice["key"])
-    assert trial.artifact_sha256 and trial.runnable_sha256
+    trial = store.trials.get(job.id, choice["key"])
+    assert trial is not None and trial.artifact_sha256 and trial.runnable_sha256
     serving: dict[str, Any] | None = None
     if tuner is not None and spec.tune_serving:
         ctx.progress("tune", 0.0)
