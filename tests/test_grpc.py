@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Server, ServerFactory, upload
+from tests.conftest import Server, ServerFactory, metric, upload
 from tests.onnx_models import identity_every_type, mlp, mlp_reference, string_join
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
@@ -304,9 +304,8 @@ def test_unknown_model_or_variant_and_missing_token(gc: Any) -> None:
 def test_metrics_count_each_protocol(srv: Server, gc: Any) -> None:
     _infer_once(gc)
     text = httpx.get(f"{srv.url}/metrics").text
-    want = ("slimserve_requests_total{", 'model="g-mlp"', 'protocol="grpc"', 'outcome="success"')
-    grpc_ok = [line for line in text.splitlines() if all(w in line for w in want)]
-    assert grpc_ok and float(grpc_ok[0].rsplit(" ", 1)[1]) >= 1
+    grpc_ok = metric(text, "slimserve_requests_total", model="g-mlp", protocol="grpc", outcome="success")
+    assert grpc_ok is not None and grpc_ok >= 1
 
 
 def test_health_and_reflection_services(srv: Server) -> None:
