@@ -144,6 +144,14 @@ def upload(
     return client.post("/v1/models", data=data, files=files)
 
 
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of the first ``name`` series in a /metrics text carrying every one of ``labels`` (None: none)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 @functools.cache
 def _postgres_problem() -> str | None:
     """Why PostgreSQL cannot be used here (None: it can), asked once per test session."""

@@ -69,14 +69,20 @@ IDENTITY_TYPES = {
 }
 
 
-def identity_all_types() -> bytes:
-    """One input per datatype, each passed to an output `out_<TYPE>`; shapes [N, 3]."""
+def _identity(types: dict[str, int], graph: str) -> bytes:
+    """One input per datatype in ``types`` (v2 name -> ONNX element type), each passed to an output `out_<TYPE>`;
+    shapes [N, 3]."""
     nodes, ins, outs = [], [], []
-    for name, et in IDENTITY_TYPES.items():
+    for name, et in types.items():
         ins.append(helper.make_tensor_value_info(f"in_{name}", et, ["N", 3]))
         outs.append(helper.make_tensor_value_info(f"out_{name}", et, ["N", 3]))
         nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
-    return _model(helper.make_graph(nodes, "identity_all", ins, outs))
+    return _model(helper.make_graph(nodes, graph, ins, outs))
+
+
+def identity_all_types() -> bytes:
+    """One input per datatype of IDENTITY_TYPES, each passed to an output `out_<TYPE>`; shapes [N, 3]."""
+    return _identity(IDENTITY_TYPES, "identity_all")
 
 
 def fixed_shape_add() -> bytes:
@@ -264,12 +270,7 @@ EVERY_TYPE = {
 
 def identity_every_type() -> bytes:
     """identity_all_types with every protocol datatype, BYTES (ONNX string) included."""
-    nodes, ins, outs = [], [], []
-    for name, et in EVERY_TYPE.items():
-        ins.append(helper.make_tensor_value_info(f"in_{name}", et, ["N", 3]))
-        outs.append(helper.make_tensor_value_info(f"out_{name}", et, ["N", 3]))
-        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
-    return _model(helper.make_graph(nodes, "identity_every", ins, outs))
+    return _identity(EVERY_TYPE, "identity_every")
 
 
 def string_join() -> bytes:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Server, ServerFactory, upload
+from tests.conftest import Server, ServerFactory, metric, upload
 from tests.onnx_models import dynamic_identity, expand_by_input, mlp, mlp_reference
 
 
@@ -114,9 +113,9 @@ def test_instances_serve_in_parallel(server: Server, instances: int) -> None:
 
 
 def _inline_runs(metrics: str, model: str) -> float:
-    found = re.search(rf'^slimserve_inline_executions_total\{{[^}}]*model="{model}"[^}}]*\}} (\S+)$', metrics, re.M)
-    assert found, f"no inline series for {model}"
-    return float(found.group(1))
+    found = metric(metrics, "slimserve_inline_executions_total", model=model)
+    assert found is not None, f"no inline series for {model}"
+    return found
 
 
 @pytest.mark.parametrize("limit_us", ["1000000", "0"])

@@ -3,7 +3,6 @@ evaluation (int8 and int8-cpu never share one), and a model with a fixed batch d
 
 from __future__ import annotations
 
-import io
 import re
 import time
 
@@ -15,14 +14,9 @@ from backends import TensorSpec
 from compression.calibration import parse_npz
 from compression.evaluate import evaluate_variant
 from model_store import LocalBlobStore
+from tests.compression.optimize_helpers import npz
 from tests.conftest import Server, ServerFactory, upload
 from tests.onnx_models import conv_net, mlp
-
-
-def npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
 
 
 def wait_job(c: httpx.Client, job_id: str, timeout: float = 240) -> dict:  # type: ignore[type-arg]

@@ -19,7 +19,7 @@ import pytest
 
 from backends.targets import cpu_target
 from tests.compression.digits import digits_model, load_data
-from tests.conftest import ROOT, Server, ServerFactory, upload
+from tests.conftest import ROOT, Server, ServerFactory, metric, upload
 from tests.onnx_models import mlp
 from tests.test_scale_out import AWS_ENV, bucket, s3_endpoint  # noqa: F401 - fixtures used by name
 
@@ -52,10 +52,7 @@ def engines(c: httpx.Client, model: str) -> list[dict[str, Any]]:
 
 
 def fallback_metric(c: httpx.Client, model: str) -> float | None:
-    for line in c.get("/metrics").text.splitlines():
-        if line.startswith("slimserve_variant_engine_fallback{") and f'model="{model}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    return metric(c.get("/metrics").text, "slimserve_variant_engine_fallback", model=model)
 
 
 def probs(c: httpx.Client, model: str) -> np.ndarray:

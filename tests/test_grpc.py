@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Server, ServerFactory, upload
+from tests.conftest import Server, ServerFactory, metric, upload
 from tests.onnx_models import identity_every_type, mlp, mlp_reference, string_join
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
@@ -84,6 +84,13 @@ def _infer_inputs(module: Any, arrays: dict[str, np.ndarray], binary: bool = Tru
     return inputs
 
 
+def _infer_once(gc: Any) -> None:
+    """One successful gRPC inference on g-mlp, for the checks that count it."""
+    inp = grpcclient.InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    assert gc.infer("g-mlp", [inp], headers=dict(AUTH)).as_numpy("probs").shape == (1, 3)
+
+
 def test_infer_equals_rest_and_the_reference(gc: Any, hc: Any) -> None:
     x = np.random.default_rng(1).random((5, 4), dtype=np.float32)
     inp = grpcclient.InferInput("x", [5, 4], "FP32")
@@ -137,7 +144,8 @@ def test_a_bytes_element_over_the_cap_is_refused_by_both_protocols(gc: Any, srv:
     with pytest.raises(InferenceServerException) as e:
         gc.infer("g-str", ins, headers=dict(AUTH))
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "SLIMSERVE_MAX_BYTES_ELEMENT_LEN" in e.value.message()
-    body = {"inputs": [{"name": n, "datatype": "BYTES", "shape": [2, 1], "data": ["ok", "x" * 1001]} for n in "ab"]}
+    over = "x" * (BYTES_LEN_CAP + 1)
+    body = {"inputs": [{"name": n, "datatype": "BYTES", "shape": [2, 1], "data": ["ok", over]} for n in "ab"]}
     with srv.client(TOKEN) as c:
         r = c.post("/v2/models/g-str/infer", json=body)
     assert r.status_code == 400 and "SLIMSERVE_MAX_BYTES_ELEMENT_LEN" in r.json()["error"]
@@ -155,6 +163,7 @@ def test_health_metadata_config_statistics_repository(gc: Any, srv: Server) -> N
     assert cfg.max_batch_size == 32 and list(cfg.input[0].dims) == [4]
     with srv.client(TOKEN) as c:
         assert c.get("/v2/models/g-mlp/config").json()["max_batch_size"] == cfg.max_batch_size
+    _infer_once(gc)
     stats = gc.get_inference_statistics("g-mlp", headers=dict(AUTH))
     assert stats.model_stats[0].inference_count >= 1
     assert any(m.name == "g-types" for m in gc.get_inference_statistics(headers=dict(AUTH)).model_stats)
@@ -242,27 +251,38 @@ def _mlp_request(shape: list[int], raw: bytes | None = None, contents: list[floa
 
 
 @pytest.mark.parametrize(
-    ("case", "payload", "code", "match"),
+    ("payload", "code", "match"),
     [
-        ("malformed protobuf", b"\xff\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a valid protobuf"),
-        ("contents not matching the shape", None, grpc.StatusCode.INVALID_ARGUMENT, "needs 8"),
-        ("raw of the wrong size", None, grpc.StatusCode.INVALID_ARGUMENT, "needs 32"),
-        ("over the message cap", None, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        pytest.param(
+            b"\xff\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a valid protobuf", id="malformed protobuf"
+        ),
+        pytest.param(
+            _mlp_request([2, 4], contents=[1.0] * 7),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "needs 8",
+            id="contents not matching the shape",
+        ),
+        pytest.param(
+            _mlp_request([2, 4], raw=b"\0" * 31),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "needs 32",
+            id="raw of the wrong size",
+        ),
+        pytest.param(
+            _mlp_request([1, 4], raw=b"\0" * (SMALL_CAP + 1)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "",
+            id="over the message cap",
+        ),
     ],
 )
 def test_bad_requests_get_the_right_status(
-    srv: Server, gc: Any, case: str, payload: Any, code: Any, match: str
+    srv: Server, gc: Any, hc: Any, payload: bytes, code: Any, match: str
 ) -> None:
-    if case == "contents not matching the shape":
-        payload = _mlp_request([2, 4], contents=[1.0] * 7)
-    elif case == "raw of the wrong size":
-        payload = _mlp_request([2, 4], raw=b"\0" * 31)
-    elif case == "over the message cap":
-        payload = _mlp_request([1, 4], raw=b"\0" * (SMALL_CAP + 1))
     err = _raw_call(srv, "ModelInfer", payload, tuple(AUTH.items()))
     assert err.code() == code, err.details()
     assert match in (err.details() or "")
-    test_infer_equals_rest_and_the_reference(gc, httpclient.InferenceServerClient(srv.url.removeprefix("http://")))
+    test_infer_equals_rest_and_the_reference(gc, hc)
 
 
 def test_unknown_model_or_variant_and_missing_token(gc: Any) -> None:
@@ -282,10 +302,10 @@ def test_unknown_model_or_variant_and_missing_token(gc: Any) -> None:
 
 
 def test_metrics_count_each_protocol(srv: Server, gc: Any) -> None:
+    _infer_once(gc)
     text = httpx.get(f"{srv.url}/metrics").text
-    want = ("slimserve_requests_total{", 'model="g-mlp"', 'protocol="grpc"', 'outcome="success"')
-    grpc_ok = [line for line in text.splitlines() if all(w in line for w in want)]
-    assert grpc_ok and float(grpc_ok[0].rsplit(" ", 1)[1]) >= 1
+    grpc_ok = metric(text, "slimserve_requests_total", model="g-mlp", protocol="grpc", outcome="success")
+    assert grpc_ok is not None and grpc_ok >= 1
 
 
 def test_health_and_reflection_services(srv: Server) -> None:

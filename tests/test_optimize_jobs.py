@@ -8,21 +8,14 @@ import os
 import signal
 import time
 
-import numpy as np
 import pytest
 
 from model_store import open_store
-from tests.compression.optimize_helpers import npz
+from tests.compression.optimize_helpers import npz, search_mlp
 from tests.conftest import Server, ServerFactory, upload
-from tests.onnx_models import mlp
 from tests.test_compression_jobs import wait_job, wait_ready
 
-
-def calibration(n: int = 96) -> bytes:
-    return npz({"x": np.random.default_rng(0).standard_normal((n, 32)).astype(np.float32)})
-
-
-MODEL = mlp(in_dim=32, hidden=256, out_dim=10)
+MODEL, CALIBRATION = search_mlp()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def test_an_optimize_job_reports_every_trial_and_its_frontier(opt_server: Server
     from service.cli import app
 
     with opt_server.client() as c:
-        assert upload(c, "opt-mlp", MODEL, calibration=calibration()).status_code == 201
+        assert upload(c, "opt-mlp", MODEL, calibration=npz(**CALIBRATION)).status_code == 201
         goals = {"objective": "size", "max_trials": 3, "latency_budget_ms": 2000, "concurrency": 4}
         r = c.post("/v1/models/opt-mlp/versions/1/optimize", json=goals)
         assert r.status_code == 202, r.text
@@ -98,7 +91,7 @@ def test_a_killed_worker_resumes_from_its_finished_trials(server_factory: Server
         SLIMSERVE_JOB_WORKERS="1", SLIMSERVE_JOB_LEASE_S="2", SLIMSERVE_TEST_CRASH_POINT="optimize-trial-2-done"
     )
     with server.client() as c:
-        assert upload(c, "opt-crash", MODEL, calibration=calibration()).status_code == 201
+        assert upload(c, "opt-crash", MODEL, calibration=npz(**CALIBRATION)).status_code == 201
         spec = {"objective": "latency", "tolerance": 0.05, "max_trials": 2}
         job_id = c.post("/v1/models/opt-crash/versions/1/optimize", json=spec).json()["id"]
         store = open_store(f"sqlite:///{server.data_dir / 'catalog.db'}", server.data_dir / "blobs")

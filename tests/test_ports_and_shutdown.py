@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ServerFactory, free_port, upload
+from tests.conftest import ServerFactory, free_port, metric, upload
 from tests.onnx_models import mlp
 
 
@@ -84,9 +84,7 @@ def test_sigterm_drains_grpc_requests_waiting_in_the_batcher(server_factory: Ser
         assert upload(c, "gdrain", mlp(), config=json.dumps(cfg)).status_code == 201
 
     def queued() -> float:
-        text = httpx.get(f"{s.url}/metrics").text
-        line = next((x for x in text.splitlines() if x.startswith("slimserve_queue_depth{") and "gdrain" in x), "")
-        return float(line.rsplit(" ", 1)[1]) if line else 0.0
+        return metric(httpx.get(f"{s.url}/metrics").text, "slimserve_queue_depth", model="gdrain") or 0.0
 
     async def scenario() -> tuple[list[Any], bool]:
         client = grpcaio.InferenceServerClient(f"127.0.0.1:{s.grpc_port}")

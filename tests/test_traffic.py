@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from model_store import Catalog, LocalBlobStore, NewVariant
-from tests.conftest import Server, ServerFactory, upload
+from tests.conftest import Server, ServerFactory, metric, upload
 from tests.onnx_models import mlp
 from tests.traffic_models import corrupted, slow_twin
 
@@ -67,13 +67,6 @@ def wait_applied(c: httpx.Client, model: str, timeout: float = 30) -> dict[str, 
             return got
         assert time.monotonic() < deadline, f"the policy of {model} was not applied: {got}"
         time.sleep(0.05)
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def test_split_is_sticky_and_every_response_names_its_variant(server_factory: ServerFactory) -> None:

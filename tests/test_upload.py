@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.compression.optimize_helpers import npz
 from tests.conftest import Server, ServerFactory, upload
 from tests.onnx_models import external_data_model, fixed_shape_add, mlp
 
@@ -44,19 +44,11 @@ def test_upload_creates_versions_and_variants(client: httpx.Client) -> None:
 
 
 def test_upload_with_calibration(client: httpx.Client) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, x=np.random.rand(16, 4).astype(np.float32))
-    r = upload(client, "up-calib", mlp(), calibration=buf.getvalue())
+    r = upload(client, "up-calib", mlp(), calibration=npz(x=np.random.rand(16, 4).astype(np.float32)))
     assert r.status_code == 201, r.text
     v = r.json()["versions"][0]
     assert v["has_calibration"] is True
     assert v["variants"][0]["details"]["calibration_samples"] == 16
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 BAD_UPLOADS = [
@@ -68,10 +60,10 @@ BAD_UPLOADS = [
     ("bad-config-json", {"model": mlp(), "config": "{nope"}, 400, "not valid JSON"),
     ("unknown-config-key", {"model": mlp(), "config": '{"max_batchsize": 3}'}, 422, "max_batchsize"),
     ("bad-config-value", {"model": mlp(), "config": '{"max_batch_size": -1}'}, 422, "max_batch_size"),
-    ("calib-wrong-name", {"model": mlp(), "calibration": _npz(y=np.zeros((4, 4), np.float32))}, 400, "named after"),
-    ("calib-wrong-shape", {"model": mlp(), "calibration": _npz(x=np.zeros((4, 5), np.float32))}, 400, "shape"),
+    ("calib-wrong-name", {"model": mlp(), "calibration": npz(y=np.zeros((4, 4), np.float32))}, 400, "named after"),
+    ("calib-wrong-shape", {"model": mlp(), "calibration": npz(x=np.zeros((4, 5), np.float32))}, 400, "shape"),
     ("calib-not-npz", {"model": mlp(), "calibration": b"garbage"}, 400, "npz"),
-    ("calib-nan", {"model": mlp(), "calibration": _npz(x=np.full((4, 4), np.nan, np.float32))}, 400, "NaN"),
+    ("calib-nan", {"model": mlp(), "calibration": npz(x=np.full((4, 4), np.nan, np.float32))}, 400, "NaN"),
 ]
 
 

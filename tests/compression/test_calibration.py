@@ -24,15 +24,10 @@ from compression.evaluate import measure_latency, run_model
 from compression.prune import prune_model
 from compression.quantize import quantize_model
 from tests.compression.conftest import run
+from tests.compression.optimize_helpers import npz
 from tests.onnx_models import conv_net
 
 X = TensorSpec("x", "FP32", (-1, 4))
-
-
-def npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
 
 
 def test_good_data_is_cast_to_the_input_types() -> None:

@@ -20,12 +20,12 @@ from compression.optimize.judge import judge_outputs, output_kind
 from compression.optimize.search import Search, model_family
 from compression.optimize.spec import OptimizeSpec
 from compression.pipeline import CompressionData
-from model_store import open_store
+from model_store import ModelStore, open_store
 from model_store.schema import TrialRow
 from tests import onnx_models
 from tests.compression import digits as D
 from tests.compression import encoder as E
-from tests.compression.optimize_helpers import run_job, store_with
+from tests.compression.optimize_helpers import run_job, search_mlp, store_with
 
 
 def small_encoder(layers: int = 1, vocab: int = 300) -> bytes:
@@ -150,16 +150,14 @@ def test_racing_claims_have_one_winner(tmp_path: Path) -> None:
 # -- searches -------------------------------------------------------------------------------------------------
 
 
-def mlp_store(tmp_path: Path) -> tuple[object, bytes]:
-    rng = np.random.default_rng(0)
-    model = onnx_models.mlp(in_dim=32, hidden=256, out_dim=10)
-    x = rng.standard_normal((96, 32)).astype(np.float32)
-    return store_with(tmp_path, "mlp", model, {"x": x}), model
+def mlp_store(tmp_path: Path) -> tuple[ModelStore, bytes]:
+    model, calibration = search_mlp()
+    return store_with(tmp_path, "mlp", model, calibration), model
 
 
 def test_unreachable_goals_end_as_a_result(tmp_path: Path) -> None:
     store, _ = mlp_store(tmp_path)
-    result = run_job(store, "mlp", {"tolerance": 0.0, "metric": "cosine", "objective": "latency", "max_trials": 3})  # type: ignore[arg-type]
+    result = run_job(store, "mlp", {"tolerance": 0.0, "metric": "cosine", "objective": "latency", "max_trials": 3})
     assert result["choice"] is None and result["variant"] is None
     assert result["message"].startswith("no variant within tolerance; the closest was ")
     assert result["judgements"]["probs"] == {
@@ -170,12 +168,12 @@ def test_unreachable_goals_end_as_a_result(tmp_path: Path) -> None:
     }
     assert result["trials"][0]["ladder"] == "original"
     assert all(not r["within_tolerance"] for r in result["trials"][1:])
-    assert store.catalog.get_version("mlp", 1).default_variant == "original"  # type: ignore[attr-defined]
+    assert store.catalog.get_version("mlp", 1).default_variant == "original"
 
 
 def test_budget_stops_the_search_with_the_best_so_far(tmp_path: Path) -> None:
     store, _ = mlp_store(tmp_path)
-    result = run_job(store, "mlp", {"tolerance": 0.5, "objective": "size", "max_trials": 1})  # type: ignore[arg-type]
+    result = run_job(store, "mlp", {"tolerance": 0.5, "objective": "size", "max_trials": 1})
     assert result["stopped"] == "max_trials (1) reached: best found so far"
     assert len(result["trials"]) == 2  # the original and one trial
     assert result["frontier"] and all(isinstance(k, str) for k in result["frontier"])
@@ -229,21 +227,21 @@ def test_a_resumed_search_builds_no_finished_trial_again(tmp_path: Path) -> None
     """Two Search objects on one job (a killed attempt and its successor, or two workers): the second reuses."""
     store, model = mlp_store(tmp_path)
     spec = OptimizeSpec(tolerance=0.05, objective="latency", max_trials=3)
-    x = np.random.default_rng(0).standard_normal((96, 32)).astype(np.float32)
-    data = CompressionData.split(Samples({"x": x}), spec.holdout_fraction)
+    _, calibration = search_mlp()
+    data = CompressionData.split(Samples(calibration), spec.holdout_fraction)
     assert data.calibration is not None and data.evaluation is not None
 
     def search(owner: str) -> Search:
         return Search(
             "job-1", model, spec, data.calibration, data.evaluation, store.trials, store.blobs, lambda s, f: None, owner
-        )  # type: ignore[arg-type, attr-defined]
+        )  # type: ignore[arg-type]
 
     first = search("first").run()
     second = search("second")
     again = second.run()
     assert second.built == 0 and again.reused == len(first.trials)
     assert [r["key"] for r in again.trials] == [r["key"] for r in first.trials]
-    assert {t.owner for t in store.trials.list("job-1")} == {"first"}  # type: ignore[attr-defined]
+    assert {t.owner for t in store.trials.list("job-1")} == {"first"}
 
 
 def test_plans_follow_family_objective_and_targets() -> None:

@@ -269,7 +269,7 @@ def test_probes_hit_the_health_routes(rendered: dict[str, list[dict[str, Any]]],
             ("readinessProbe", "/v2/health/ready"),
         ]:
             if variant == "grpc-probes":  # grpc.health.v1 answers as /v2/health/ready does
-                assert c[probe]["grpc"] == {"port": 8002, "service": ""}
+                assert c[probe]["grpc"] == {"port": 8002, "service": ""} and "httpGet" not in c[probe]
             else:
                 assert c[probe]["httpGet"] == {"path": path, "port": "inference"}
         assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
@@ -432,14 +432,6 @@ def test_single_port_mode(rendered: dict[str, list[dict[str, Any]]]) -> None:
     cm = one(objs, "ConfigMap", f"{FULL}-config")["data"]
     assert "SLIMSERVE_MANAGEMENT_PORT" not in cm and "SLIMSERVE_METRICS_PORT" not in cm
     assert {s["spec"]["ports"][0]["targetPort"] for s in find(objs, "Service")} == {8000}
-
-
-def test_grpc_probes_where_asked(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    http = container(one(rendered["production"], "Deployment", f"{FULL}-api"))
-    assert http["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    c = container(one(rendered["grpc-probes"], "Deployment", f"{FULL}-api"))
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert c[probe]["grpc"] == {"port": 8002, "service": ""} and "httpGet" not in c[probe]
 
 
 def test_network_policy_selects_every_pod_and_restricts_management(prod: list[dict[str, Any]]) -> None:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import Server, ServerFactory, upload
+from tests.conftest import Server, ServerFactory, metric, upload
 from tests.hardening.helpers import TOKEN, rss_bytes, slow_model
 
 QUEUE = 8
@@ -39,13 +39,6 @@ BODY = json.dumps(
 
 def _p(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} {labels} not in /metrics")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +145,9 @@ async def _run(server: Server) -> dict[str, object]:
         try:
             while not stop.is_set():
                 text = (await conn.request(metrics_req))[2].decode()
-                depth.append(_metric(text, "slimserve_queue_depth", model="ovl"))
+                queued = metric(text, "slimserve_queue_depth", model="ovl")
+                assert queued is not None, "slimserve_queue_depth not in /metrics"
+                depth.append(queued)
                 await asyncio.sleep(0.05)
         finally:
             conn.close()
@@ -182,7 +177,9 @@ async def _run(server: Server) -> dict[str, object]:
     probe.close()
 
     def counted(text: str, outcome: str) -> float:
-        return _metric(text, "slimserve_requests_total", model="ovl", outcome=outcome)
+        count = metric(text, "slimserve_requests_total", model="ovl", outcome=outcome)
+        assert count is not None, f"slimserve_requests_total {outcome} not in /metrics"
+        return count
 
     return {
         "service_ms": service_s * 1000,
@@ -238,6 +235,5 @@ def test_overload_is_shed_fast_and_bounded(overload_server: Server) -> None:
 
 def test_metric_parser() -> None:
     text = 'slimserve_queue_depth{backend="x",model="ovl",variant="original",version="1"} 3.0\n'
-    assert _metric(text, "slimserve_queue_depth", model="ovl") == 3.0
-    with pytest.raises(AssertionError):
-        _metric(text, "slimserve_queue_depth", model="other")
+    assert metric(text, "slimserve_queue_depth", model="ovl") == 3.0
+    assert metric(text, "slimserve_queue_depth", model="other") is None

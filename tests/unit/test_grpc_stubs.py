@@ -22,13 +22,9 @@ def test_stubs_import_as_a_package_beside_tritonclients_own() -> None:
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
     import tritonclient.grpc.service_pb2 as theirs  # registers Triton's (older) protos in the default pool
 
-    from service.grpc._generated import grpc_service_pb2, grpc_service_pb2_grpc
+    from service.grpc._generated import grpc_service_pb2, grpc_service_pb2_grpc  # noqa: F401 - imports in the package
 
     assert theirs.ModelInferRequest is not grpc_service_pb2.ModelInferRequest
     wire = theirs.ModelInferRequest(model_name="m", id="x").SerializeToString()
     assert grpc_service_pb2.ModelInferRequest.FromString(wire).id == "x"  # one wire format
-
-    req = grpc_service_pb2.ModelInferRequest(model_name="m")
-    assert grpc_service_pb2.ModelInferRequest.FromString(req.SerializeToString()).model_name == "m"
-    assert hasattr(grpc_service_pb2_grpc, "GRPCInferenceServiceServicer")
     assert "protos/grpc_service.proto" not in grpc_service_pb2.DESCRIPTOR.name  # registered as Triton names it
