@@ -104,7 +104,7 @@ def encoder(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with proc, httpx.Client(base_url=url, timeout=600) as c:
         goals = {"tolerance": 0.01, "objective": "latency", **args.goals}
-        job = optimize(c, "enc", model, npz(encoder_inputs(256, seed=1)), goals)
+        job = optimize(c, "enc", model, npz(**encoder_inputs(256, seed=1)), goals)
         result = job["result"]
         version = c.get("/v1/models/enc/versions/1").json()
         default = version["default_variant"]
@@ -181,7 +181,7 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
     url, proc = serve(data)
     with proc, httpx.Client(base_url=url, timeout=600) as c:
         goals = {"tolerance": 0.01, "objective": "size", **args.goals}
-        job = optimize(c, "digits", model, npz({"input": x, "labels": y}), goals)
+        job = optimize(c, "digits", model, npz(input=x, labels=y), goals)
         result = job["result"]
         print(trials_table(result))
         version = c.get("/v1/models/digits/versions/1").json()
