@@ -321,3 +321,33 @@ def test_health_and_reflection_services(srv: Server) -> None:
         reply = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
         names = {s.name for s in reply.list_services_response.service}
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_the_ready_index_lists_served_versions_only(gc: Any, srv: Server) -> None:
+    from tritonclient.grpc import service_pb2 as pb  # the client's own stubs: what a client sends
+
+    def index(ready: bool) -> dict[str, str]:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+            call = channel.unary_unary(
+                "/inference.GRPCInferenceService/RepositoryIndex",
+                request_serializer=pb.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=pb.RepositoryIndexResponse.FromString,
+            )
+            answer = call(pb.RepositoryIndexRequest(ready=ready), metadata=tuple(ADMIN_AUTH.items()), timeout=30)
+        return {m.name: m.state for m in answer.models}
+
+    gc.unload_model("g-str", headers=dict(ADMIN_AUTH))
+    try:
+        assert index(ready=False)["g-str"] == "UNAVAILABLE"
+        ready = index(ready=True)
+        assert "g-str" not in ready and ready["g-mlp"] == "READY"
+        assert set(ready.values()) == {"READY"}
+    finally:
+        gc.load_model("g-str", headers=dict(ADMIN_AUTH))
+
+
+def test_the_extensions_not_implemented_answer_unimplemented(srv: Server) -> None:
+    """Shared memory, trace and logging: the README says they answer UNIMPLEMENTED, and they do."""
+    for method in ("SystemSharedMemoryStatus", "CudaSharedMemoryRegister", "TraceSetting", "LogSettings"):
+        err = _raw_call(srv, method, b"", tuple(ADMIN_AUTH.items()))
+        assert err.code() == grpc.StatusCode.UNIMPLEMENTED, (method, err.code())

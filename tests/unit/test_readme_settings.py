@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from service.settings import Settings
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -24,3 +27,11 @@ def test_readme_configuration_table_matches_the_settings() -> None:
     assert sorted(fields - set(documented)) == [], "settings missing from the README table"
     assert sorted(set(documented) - fields) == [], "README table rows that are not settings"
     assert Settings.model_config.get("env_prefix") == "SLIMSERVE_"
+
+
+def test_the_grpc_port_is_its_own_or_off() -> None:
+    """README: SLIMSERVE_GRPC_PORT 0 turns gRPC off; a port that an HTTP listener already has is refused."""
+    assert Settings(grpc_port=0).grpc_port == 0
+    for taken in ({"port": 9000}, {"management_port": 9000}, {"metrics_port": 9000}):
+        with pytest.raises(ValidationError, match="give gRPC its own"):
+            Settings(grpc_port=9000, **taken)
