@@ -76,7 +76,11 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 class _Registrar:
     """Stands in for the server while the generated code registers the service's handlers, and registers them
-    with request deserializers that turn a malformed message into ``Malformed`` instead of failing."""
+    with request deserializers that turn a malformed message into ``Malformed`` instead of failing.
+
+    As a generic handler only: grpcio's asyncio server ignores registered methods before 1.83, and from 1.83 waits
+    on one future per registered method for every call it accepts (grpc/grpc#43092), a cost per call that grows
+    with the service's 20 methods."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self.server = server
@@ -90,7 +94,6 @@ class _Registrar:
             for name, h in handlers.items()
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
-        self.server.add_registered_method_handlers(service, lenient)
 
 
 def register(servicer: InferenceService, server: grpc.aio.Server) -> None:
