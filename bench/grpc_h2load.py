@@ -19,8 +19,10 @@ Servers on core 0, h2load (1 thread) on core 1 (``taskset``). Parts (all by defa
   ratios) with a lower median p99.
 - ``c1``: slimserve REST vs gRPC at concurrency 1, against in-process ``InferenceSession.run``, by two client
   pairs in rotating order each round: perf_analyzer -i http (binary tensors) / -i grpc, and h2load over REST
-  (``--h1``, binary tensor body) / gRPC; with the server's CPU per call. Bar: gRPC adds no more than REST (the
-  per-round difference of the p50s, median and range).
+  (``--h1``, binary tensor body) / gRPC; with the server's CPU per call and its data-plane time per request
+  (Triton statistics). Bar: gRPC adds no more than REST (the per-round difference of the p50s, median and range).
+  Each round also times the grpc.aio floor at c=1: the floor plus the data plane against REST's whole path says
+  whether any grpc.aio server could meet the bar.
 - ``loop`` and ``inline`` (not in the default parts): two slimserve servers that differ in one setting, gRPC at
   c=8, interleaved rounds: SLIMSERVE_EVENT_LOOP=auto (uvloop) against asyncio, SLIMSERVE_INLINE_MAX_US=100 (inline
   runs of a cheap lone request, the default) against 0 (every request through an instance thread).
@@ -322,16 +324,27 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
     return results, [line, cpu_line, floor_line]
 
 
+def data_plane(url: str, model: str = "mlp") -> tuple[int, int]:
+    """The server's own count and total time (ns) of successful requests, begin to succeed: decode, scheduler, model,
+    encode (Triton's statistics extension)."""
+    stats = httpx.get(f"{url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
+    success = stats["inference_stats"]["success"]
+    return success["count"], success["ns"]
+
+
 def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[str]]:
-    """Four points per round, in rotating order: perf_analyzer -i http / -i grpc, and h2load over REST (HTTP/1.1,
-    binary tensor body) / gRPC, each with the server's CPU time per call."""
+    """Five points per round, in rotating order: perf_analyzer -i http / -i grpc, h2load over REST (HTTP/1.1,
+    binary tensor body) / gRPC, each with the server's CPU time per call and its data-plane time per request; and
+    h2load against the grpc.aio floor (bench/grpc_floor.py), what grpc.aio costs before any work is done."""
     inputs = models.mlp_input(1)
     expected = peers._reference(model, inputs)
     bin_body, hlen = common.v2_binary_body(inputs, [models.MLP_OUTPUT])
     hdrs = {"content-type": "application/octet-stream", "inference-header-content-length": str(hlen)}
     grpc_body = grpc_frame("mlp", inputs)
     results: list[Result] = []
-    with peers.slimserve_server(model, "0") as url:
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(peers.slimserve_server(model, "0"))
+        floor = stack.enter_context(floor_server(model, "0"))
         grpc_target = common.grpc_address(url)
         marker = port_marker(url)
         counters = {"REST": slimserve_ok(url, "rest"), "gRPC": slimserve_ok(url, "grpc")}
@@ -354,19 +367,33 @@ def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[s
                 return h2load(rest_url, bin_body, concurrency=1, seconds=args.seconds, cpus="1", name=name, rest=hdrs)
             return h2load(grpc_target, grpc_body, concurrency=1, seconds=args.seconds, cpus="1", name=name)
 
-        points = [(t, p) for t in ("perf_analyzer", "h2load") for p in ("REST", "gRPC")]
+        points = [(t, p) for t in ("perf_analyzer", "h2load") for p in ("REST", "gRPC")] + [("h2load", "floor")]
         for rnd in range(args.rounds):
             check_answer(grpc_target, "mlp", inputs, models.MLP_OUTPUT, expected)
+            check_answer(floor, "mlp", inputs, models.MLP_OUTPUT, expected)
             for tool, proto in common.rotated(points, rnd):
-                before, cpu0 = counters[proto](), cpu_seconds(marker)
+                if proto == "floor":
+                    r = measured(
+                        "grpc.aio floor", Target(floor, None, port_marker(floor)), grpc_body, 1, args.seconds, rnd
+                    )
+                    results.append(r)
+                    print(f"round {rnd}: {r.line()}", flush=True)
+                    continue
+                before, cpu0, (n0, ns0) = counters[proto](), cpu_seconds(marker), data_plane(url)
                 r = (perf_analyzer if tool == "perf_analyzer" else with_h2load)(proto)
                 calls = counters[proto]() - before
+                n1, ns1 = data_plane(url)
                 if tool == "h2load":
                     counted(r, before, before + calls)
-                r.extra.update(round=rnd, server_cpu_ms_per_call=1e3 * (cpu_seconds(marker) - cpu0) / calls)
+                r.extra.update(
+                    round=rnd,
+                    server_cpu_ms_per_call=1e3 * (cpu_seconds(marker) - cpu0) / calls,
+                    data_plane_ms=(ns1 - ns0) / (n1 - n0) / 1e6,
+                )
                 results.append(r)
                 print(
-                    f"round {rnd}: {r.line()} ({r.extra['server_cpu_ms_per_call']:.3f} server CPU-ms per call)",
+                    f"round {rnd}: {r.line()} ({r.extra['server_cpu_ms_per_call']:.3f} server CPU-ms per call, "
+                    f"data plane {r.extra['data_plane_ms']:.3f} ms)",
                     flush=True,
                 )
     (inproc,) = overhead.in_process(model, args.seconds, [1], "0")
@@ -390,7 +417,37 @@ def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[s
             f"{max(diff):+.3f} ms -> {verdict}; server CPU per call REST {cpu['REST']:.3f} ms, "
             f"gRPC {cpu['gRPC']:.3f} ms"
         )
+    lines.append(_c1_ceiling(results))
     return [*results, inproc], lines
+
+
+def _c1_ceiling(results: list[Result]) -> str:
+    """Whether any grpc.aio server could meet the c=1 bar (h2load, per round): it answers no sooner than the floor
+    (grpc.aio doing no work) plus the data plane (the same code as REST's; the smaller of the two protocols' times, a
+    lower bound), against REST's whole path."""
+    by = {
+        name: [r for r in results if r.tool == "h2load" and r.target == name]
+        for name in ("slimserve REST", "slimserve gRPC", "grpc.aio floor")
+    }
+    rest, grpc, floor = by["slimserve REST"], by["slimserve gRPC"], by["grpc.aio floor"]
+    least = [
+        f.p50_ms + min(r.extra["data_plane_ms"], g.extra["data_plane_ms"]) - r.p50_ms
+        for r, g, f in zip(rest, grpc, floor, strict=True)
+    ]
+    med = statistics.median
+    if min(least) > 0:
+        verdict = "above 0 in every round: no grpc.aio server running this data plane can add as little as REST"
+    elif max(least) <= 0:
+        verdict = "at or below 0 in every round: grpc.aio leaves room, the rest of the gap is slimserve's"
+    else:
+        verdict = "the sign varies by round: the bar sits at grpc.aio's floor, within noise"
+    return (
+        f"c=1 ceiling (h2load, medians): grpc.aio floor p50 {med(f.p50_ms for f in floor):.3f} ms (no decode, no "
+        f"model); data plane per request (server statistics) REST {med(r.extra['data_plane_ms'] for r in rest):.3f} "
+        f"ms, gRPC {med(g.extra['data_plane_ms'] for g in grpc):.3f} ms; REST's whole path p50 "
+        f"{med(r.p50_ms for r in rest):.3f} ms. Floor + data plane - REST p50, per round: median {med(least):+.3f} ms "
+        f"(range {min(least):+.3f} to {max(least):+.3f}): {verdict}"
+    )
 
 
 #: the A/B parts: a setting, its two values (the first is the default), and what each value is called
