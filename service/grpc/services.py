@@ -78,7 +78,7 @@ class _Registrar:
     """Stands in for the server while the generated code registers the service's handlers, and registers them
     with request deserializers that turn a malformed message into ``Malformed`` instead of failing.
 
-    As a generic handler only: grpcio's asyncio server ignores registered methods before 1.83, and from 1.83 waits
+    As a generic handler only: grpcio's asyncio server ignores registered methods before 1.84, and from 1.84 waits
     on one future per registered method for every call it accepts (grpc/grpc#43092), a cost per call that grows
     with the service's 20 methods."""
 

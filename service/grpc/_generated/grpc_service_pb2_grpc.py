@@ -5,7 +5,7 @@ import warnings
 
 from . import grpc_service_pb2 as grpc__service__pb2
 
-GRPC_GENERATED_VERSION = '1.82.3'
+GRPC_GENERATED_VERSION = '1.83.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
