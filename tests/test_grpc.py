@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from model_store import Catalog, LocalBlobStore, NewVariant
 from tests.conftest import Server, ServerFactory, metric, upload
 from tests.onnx_models import identity_every_type, mlp, mlp_reference, string_join
 
@@ -351,3 +353,33 @@ def test_the_extensions_not_implemented_answer_unimplemented(srv: Server) -> Non
     for method in ("SystemSharedMemoryStatus", "CudaSharedMemoryRegister", "TraceSetting", "LogSettings"):
         err = _raw_call(srv, method, b"", tuple(ADMIN_AUTH.items()))
         assert err.code() == grpc.StatusCode.UNIMPLEMENTED, (method, err.code())
+
+
+def test_a_variant_that_failed_to_load_answers_unavailable(srv: Server, gc: Any) -> None:
+    """A variant the catalogue holds that cannot load (its blob is not ONNX) answers UNAVAILABLE with the reason, as
+    REST answers 503 (Triton's mapping); the other variants and models keep serving. Last in the module: it adds a
+    model."""
+    with srv.client(ADMIN) as c:
+        assert upload(c, "g-broken", mlp()).status_code == 201
+    blobs = LocalBlobStore(srv.data_dir / "blobs")
+    catalog = Catalog(f"sqlite:///{srv.data_dir / 'catalog.db'}")
+    try:
+        catalog.add_variant("g-broken", 1, NewVariant("broken", "original", blobs.put_bytes(b"not onnx"), 8))
+    finally:
+        catalog.close()
+    with srv.client(ADMIN) as c:
+        expected = {"original": "ready", "broken": "failed"}
+        deadline = time.monotonic() + 30
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline and states != expected:
+            time.sleep(0.2)
+            versions = c.get("/v1/models/g-broken").json()["versions"]
+            states = {v["name"]: v["state"] for v in versions[0]["variants"]}
+        assert states == expected, states
+    inp = grpcclient.InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        gc.infer("g-broken:broken", [inp], headers=dict(AUTH))
+    assert e.value.status() == "StatusCode.UNAVAILABLE" and "failed to load" in e.value.message(), e.value
+    assert gc.infer("g-broken", [inp], headers=dict(AUTH)).as_numpy("probs").shape == (1, 3)
+    _infer_once(gc)
