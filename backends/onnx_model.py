@@ -367,6 +367,8 @@ def _check_runtime_sizes(model: ModelProto) -> None:
 
 #: control flow: how long it runs is decided by values (a trip count, a condition, a branch)
 _VALUE_DRIVEN_OPS = frozenset({"Loop", "Scan", "If"})
+#: the domains whose operators compute_bounded_by_shapes knows (the training preview ops are not analysed)
+_ANALYSED_DOMAINS = KNOWN_DOMAINS - {"ai.onnx.preview.training"}
 #: operators whose output size is an input's values, by the index of that input (a constant there is harmless)
 _SIZE_INPUTS = {
     "Range": (0, 1, 2),
@@ -390,8 +392,8 @@ def compute_bounded_by_shapes(model: ModelProto) -> bool:
     ``Expand``) counts as run-time too."""
     consts = _constants(model)
     for n in _all_nodes(model):
-        if n.domain not in ("", "ai.onnx", "ai.onnx.ml", "com.microsoft"):
-            return False  # a model-local function's call: not analysed here
+        if n.domain not in _ANALYSED_DOMAINS:
+            return False  # a call of a model-local function, or an unknown domain: refused, conservatively
         if n.op_type in _VALUE_DRIVEN_OPS:
             return False
         for i in _SIZE_INPUTS.get(n.op_type, ()):

@@ -92,6 +92,10 @@ class ServerExited(RuntimeError):
 T = TypeVar("T")
 
 
+#: the served config every bench server uploads: dynamic batching, no queue delay, one instance
+MODEL_CONFIG = {"max_batch_size": 64, "instances": 1, "batching": {"enabled": True, "max_queue_delay_us": 0}}
+
+
 def rotated(items: Sequence[T], k: int) -> list[T]:
     """``items`` starting at position ``k`` (mod its length): round k of an interleaved comparison runs them in
     this order, so no server always goes first or last."""

@@ -218,8 +218,8 @@ def cpu_seconds(marker: str) -> float:
 
 
 @contextlib.contextmanager
-def floor_server(model: Path, cpus: str | None) -> Iterator[str]:
-    """bench/grpc_floor.py (grpc.aio answering a fixed response) on a free port; yields its address."""
+def floor_server(model: Path, cpus: str | None) -> Iterator[Target]:
+    """bench/grpc_floor.py (grpc.aio answering a fixed response) on a free port; yields it as a Target."""
     import grpc
 
     port = common.free_port()
@@ -228,7 +228,7 @@ def floor_server(model: Path, cpus: str | None) -> Iterator[str]:
         target = f"{common.HOST}:{port}"
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=60)
-        yield target
+        yield Target(target, None, port_marker(target))
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
         targets = {
             "slimserve": slimserve_target(slim_url),
             "mlserver": Target(mls.grpc, mlserver_ok(mls.metrics), mls.repo),
-            "grpc.aio floor": Target(floor, None, port_marker(floor)),
+            "grpc.aio floor": floor,
         }
         for rnd in range(args.rounds):
             for name in common.rotated(list(targets), rnd):
@@ -324,10 +324,10 @@ def part_peers(args: argparse.Namespace, model: Path) -> tuple[list[Result], lis
     return results, [line, cpu_line, floor_line]
 
 
-def data_plane(url: str, model: str = "mlp") -> tuple[int, int]:
+def data_plane(url: str) -> tuple[int, int]:
     """The server's own count and total time (ns) of successful requests, begin to succeed: decode, scheduler, model,
     encode (Triton's statistics extension)."""
-    stats = httpx.get(f"{url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
+    stats = httpx.get(f"{url}/v2/models/mlp/stats", timeout=10).json()["model_stats"][0]
     success = stats["inference_stats"]["success"]
     return success["count"], success["ns"]
 
@@ -370,12 +370,10 @@ def part_c1(args: argparse.Namespace, model: Path) -> tuple[list[Result], list[s
         points = [(t, p) for t in ("perf_analyzer", "h2load") for p in ("REST", "gRPC")] + [("h2load", "floor")]
         for rnd in range(args.rounds):
             check_answer(grpc_target, "mlp", inputs, models.MLP_OUTPUT, expected)
-            check_answer(floor, "mlp", inputs, models.MLP_OUTPUT, expected)
+            check_answer(floor.address, "mlp", inputs, models.MLP_OUTPUT, expected)
             for tool, proto in common.rotated(points, rnd):
                 if proto == "floor":
-                    r = measured(
-                        "grpc.aio floor", Target(floor, None, port_marker(floor)), grpc_body, 1, args.seconds, rnd
-                    )
+                    r = measured("grpc.aio floor", floor, grpc_body, 1, args.seconds, rnd)
                     results.append(r)
                     print(f"round {rnd}: {r.line()}", flush=True)
                     continue

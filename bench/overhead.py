@@ -31,7 +31,6 @@ import numpy as np
 from common import Result
 
 BAR_MS = 0.5
-MODEL_CONFIG = {"max_batch_size": 64, "instances": 1, "batching": {"enabled": True, "max_queue_delay_us": 0}}
 
 
 def in_process_worker(model: Path, seconds: float, concurrencies: list[int], threads: int) -> list[dict[str, float]]:
@@ -134,7 +133,7 @@ def main() -> None:
     binary_headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hlen)}
     bodies = {"binary": (bin_body, binary_headers), "json": (json_body, {"Content-Type": "application/json"})}
     with common.slimserve(cpus=server_cpus, intra_op_threads=1) as url:
-        common.upload(url, "mlp", model, MODEL_CONFIG)
+        common.upload(url, "mlp", model, common.MODEL_CONFIG)
         infer = f"{url}/v2/models/mlp/infer"
         for c in concurrencies:
             todo = []

@@ -43,7 +43,6 @@ from common import Result
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peer_servers"
-MODEL_CONFIG = {"max_batch_size": 64, "instances": 1, "batching": {"enabled": True, "max_queue_delay_us": 0}}
 BAR_RATIO = 1.5
 
 #: the versions this benchmark was written against; ONNX Runtime is pinned to slimserve's own version
@@ -146,7 +145,7 @@ def _mlserver_server(model: Path, cpus: str | None) -> Iterator[MLServer]:
 @contextlib.contextmanager
 def slimserve_server(model: Path, cpus: str | None) -> Iterator[str]:
     with common.slimserve(cpus=cpus, intra_op_threads=1) as url:
-        common.upload(url, "mlp", model, MODEL_CONFIG)
+        common.upload(url, "mlp", model, common.MODEL_CONFIG)
         yield url
 
 
@@ -194,8 +193,7 @@ def main() -> None:
         print(f"all three answer correctly; perf_analyzer prerequisites: {probes}", flush=True)
         points: list[tuple[str, str]] = [(n, "json") for n in urls] + [("slimserve", "binary")]
         for rnd in range(args.rounds):
-            k = rnd % 3
-            order = points[k:3] + points[:k] + points[3:]
+            order = common.rotated(points[:3], rnd) + points[3:]
             for name, mode in order:
                 for c in concurrencies:
                     if mode == "binary":

@@ -34,7 +34,6 @@ from common import Result
 
 from model_store import Catalog, LocalBlobStore, NewVariant
 
-MODEL_CONFIG = {"max_batch_size": 64, "instances": 1, "batching": {"enabled": True, "max_queue_delay_us": 0}}
 POLICY = {"split": {"original": 1.0}, "shadow": {"shadow": 1.0}}
 BAR_THROUGHPUT = 0.90
 BAR_P99 = 1.20
@@ -81,7 +80,7 @@ def main() -> None:
         primary.write_bytes(models.mlp(seed=0))
         candidate = models.mlp(seed=1)
         with server(data / "store", server_cpus) as (url, pid):
-            common.upload(url, "mlp", primary, MODEL_CONFIG)
+            common.upload(url, "mlp", primary, common.MODEL_CONFIG)
             blobs, catalog = (
                 LocalBlobStore(data / "store" / "blobs"),
                 Catalog(f"sqlite:///{data / 'store' / 'catalog.db'}"),

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import common
 import numpy as np
-import peers
 
 sys.path.insert(0, str(common.REPO))
 from tests.compression import digits as D
 
-MODEL_CONFIG = peers.MODEL_CONFIG  # dynamic batching, no queue delay, one instance
 #: the request every tail measurement sends: one 8x8 digit
 DIGIT = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
 
@@ -35,7 +33,7 @@ def digits_server(log_name: str) -> Iterator[tuple[str, Path]]:
         model = Path(tmp) / "digits.onnx"
         model.write_bytes(D.digits_model())
         with common.slimserve(cpus="0", intra_op_threads=1, log_name=log_name) as url:
-            common.upload(url, "digits", model, MODEL_CONFIG)
+            common.upload(url, "digits", model, common.MODEL_CONFIG)
             yield url, model
 
 

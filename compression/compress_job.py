@@ -16,7 +16,7 @@ from backends import TensorSpec
 from compression.calibration import parse_npz
 from compression.pipeline import CompressionData, NeedsData, run_pipeline
 from compression.spec import CompressionSpec
-from model_store import JobRecord, NewVariant, VariantRecord, VersionRecord
+from model_store import JobRecord, NewVariant, VersionRecord
 
 if TYPE_CHECKING:
     from compression.job_context import JobContext
@@ -32,7 +32,6 @@ def job_spec(job: JobRecord, kind: type[SpecT]) -> SpecT:
 @dataclass(frozen=True)
 class JobInputs:
     version: VersionRecord
-    original: VariantRecord
     model_bytes: bytes  # the original's runnable model
     data: CompressionData
 
@@ -51,7 +50,7 @@ def job_inputs(ctx: JobContext, holdout_fraction: float, needs_data: str | None 
     model_bytes = store.blobs.get_bytes(original.runnable_sha256)
     inputs = [TensorSpec.from_dict(t) for t in original.details.get("inputs", [])]
     samples = parse_npz(store.blobs.get_bytes(cal_sha), inputs) if cal_sha else None
-    return JobInputs(version, original, model_bytes, CompressionData.split(samples, holdout_fraction))
+    return JobInputs(version, model_bytes, CompressionData.split(samples, holdout_fraction))
 
 
 def run_compress_job(ctx: JobContext) -> dict[str, Any]:

@@ -318,12 +318,14 @@ class LoadedVariants:
                 samples = self.store.blobs.local_path(calibration)
             except Exception as e:  # warm-up then uses made-up inputs; the variant still loads
                 log.warning("calibration blob %s unreadable for warm-up: %s", calibration, e)
-        builder = self.engines.builder_for(config)
-        if builder is None:
+        engine_builder = self.engines.builder_for(config)
+        if engine_builder is None:
             return self.builder.build_instances(data, config, samples)
         opts = self.builder.backend_options(config)
         inputs = _inputs_of(variant, record, data)
-        engine = self.engines.request(builder, variant.runnable_sha256, inputs, opts, record.model, record.number)
+        engine = self.engines.request(
+            engine_builder, variant.runnable_sha256, inputs, opts, record.model, record.number
+        )
         loaded = self.engines.load(
             engine, config, lambda c, d: self.builder.build_instances(data, c, samples, engine_dir=d)
         )
@@ -334,13 +336,13 @@ class LoadedVariants:
         self, sv: ServedVariant, config: ModelConfig, record: VersionRecord, states: dict[str, EngineRecord]
     ) -> bool:
         """True when a served variant should be loaded again to serve its engine, which is ready now."""
-        builder = self.engines.builder_for(config)
+        engine_builder = self.engines.builder_for(config)
         engine = sv.engine
-        if builder is None or (engine is not None and engine.used):
+        if engine_builder is None or (engine is not None and engine.used):
             return False
         if engine is None:  # served without asking for its engine (an upload installs the plain model first)
             opts = self.builder.backend_options(config)
-            args = (builder, sv.record.runnable_sha256, sv.inputs, opts, record.model, record.number)
+            args = (engine_builder, sv.record.runnable_sha256, sv.inputs, opts, record.model, record.number)
             try:
                 sv.engine = engine = await asyncio.to_thread(self.engines.request, *args)
             except Exception as e:  # no engine here (a database hiccup): it keeps serving, and the next sync asks
@@ -485,5 +487,5 @@ def _inputs_of(variant: VariantRecord, record: VersionRecord, data: bytes) -> li
     for details in (variant.details, original.details if original is not None else {}):
         recorded = details.get("inputs")
         if isinstance(recorded, list) and recorded:
-            return [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in recorded]
+            return [TensorSpec.from_dict(t) for t in recorded]
     return model_interface(parse_model(data))[0]

@@ -18,8 +18,8 @@ on the loop), and the request's predicted compute time is at most ``inline_max_n
 the time per input element of earlier executions that served one request (inline or on a thread), times the
 request's elements: a larger request is predicted as costlier, never cheaper. Until a few executions are measured
 nothing runs inline, and a model that computes for longer than the limit never does, so a loop blocked by it cannot
-starve the other connections. Inline runs keep every count: queue time 0, compute, batch size 1, Triton's
-statistics.
+starve the other connections. Inline runs keep every count: queue time (the few microseconds from submit to the
+run), compute, a batch of one request, Triton's statistics.
 
 Failures are blamed as Triton and KServe blame them: a runtime that refuses the caller's values
 (``InvalidInput``) answers 400; any other runtime failure, or outputs that cannot be split back into the

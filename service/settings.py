@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     #: ONNX Runtime intra-op threads per instance (0: the usable cores divided by the instances)
     intra_op_threads: int = Field(0, ge=0)
     #: a request whose predicted compute time is at most this runs on the event loop instead of an instance
-    #: thread, when nothing is queued and an instance is idle (service/scheduler.py); 0: never
+    #: thread, when nothing is queued and an instance is idle (and the other conditions in service/scheduler.py);
+    #: 0: never
     inline_max_us: int = Field(100, ge=0, le=1_000_000)
     #: the most TensorRT builder workspace a model's config may ask for (backend_options.workspace_bytes)
     max_workspace_bytes: int = Field(4 << 30, ge=1 << 20)

@@ -43,9 +43,6 @@ class ServedVariant:
     backend: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    input_index: dict[str, TensorSpec]
-    output_names: frozenset[str]
-    output_order: tuple[str, ...]  # the model's outputs in order: what a request that names none gets
     max_batch_size: int
     instances: int
     scheduler: Scheduler
@@ -58,6 +55,15 @@ class ServedVariant:
     engine: EngineStatus | None = None  # its engine's state here, for variants whose backend has a builder
     #: set by ``service.traffic.TrafficRouter`` when the version has a traffic policy (split, shadow, live counters)
     tap: Tap | None = None
+    # derived from inputs and outputs once, at load: the codecs read them on every request
+    input_index: dict[str, TensorSpec] = field(init=False)
+    output_names: frozenset[str] = field(init=False)
+    output_order: tuple[str, ...] = field(init=False)  # the model's outputs in order: what a request naming none gets
+
+    def __post_init__(self) -> None:
+        self.input_index = {t.name: t for t in self.inputs}
+        self.output_names = frozenset(t.name for t in self.outputs)
+        self.output_order = tuple(t.name for t in self.outputs)
 
     @property
     def warmed(self) -> bool:
@@ -215,9 +221,6 @@ class VariantBuilder:
             backend=b0.name,
             inputs=b0.inputs,
             outputs=b0.outputs,
-            input_index={t.name: t for t in b0.inputs},
-            output_names=frozenset(t.name for t in b0.outputs),
-            output_order=tuple(t.name for t in b0.outputs),
             max_batch_size=mbs,
             instances=len(instances),
             scheduler=sched,

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -142,6 +143,18 @@ def upload(
     if config is not None:
         data["config"] = config
     return client.post("/v1/models", data=data, files=files)
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90.0) -> Any:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` and the last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout} s (last: {last!r})")
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,13 @@ import pytest
 
 from backends.targets import cpu_target
 from tests.compression.digits import digits_model, load_data
-from tests.conftest import ROOT, Server, ServerFactory, metric, upload
+from tests.conftest import ROOT, Server, ServerFactory, metric, upload, wait_for
 from tests.onnx_models import mlp
 from tests.test_scale_out import AWS_ENV, bucket, s3_endpoint  # noqa: F401 - fixtures used by name
 
 DIGITS = digits_model()
 IMAGE = load_data().x_test[:2]
 BODY = {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": IMAGE.ravel().tolist()}]}
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90.0) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail with ``what`` and the last value at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {timeout} s (last: {last!r})")
 
 
 def engine_of(c: httpx.Client, model: str) -> dict[str, Any] | None:

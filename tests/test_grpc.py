@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from model_store import Catalog, LocalBlobStore, NewVariant
-from tests.conftest import Server, ServerFactory, metric, upload
+from model_store import NewVariant, open_store
+from tests.conftest import Server, ServerFactory, metric, upload, wait_for
 from tests.onnx_models import identity_every_type, mlp, mlp_reference, string_join
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
@@ -361,21 +360,19 @@ def test_a_variant_that_failed_to_load_answers_unavailable(srv: Server, gc: Any)
     model."""
     with srv.client(ADMIN) as c:
         assert upload(c, "g-broken", mlp()).status_code == 201
-    blobs = LocalBlobStore(srv.data_dir / "blobs")
-    catalog = Catalog(f"sqlite:///{srv.data_dir / 'catalog.db'}")
+    store = open_store(f"sqlite:///{srv.data_dir / 'catalog.db'}", srv.data_dir / "blobs")
     try:
-        catalog.add_variant("g-broken", 1, NewVariant("broken", "original", blobs.put_bytes(b"not onnx"), 8))
+        store.catalog.add_variant(
+            "g-broken", 1, NewVariant("broken", "original", store.blobs.put_bytes(b"not onnx"), 8)
+        )
     finally:
-        catalog.close()
+        store.close()
     with srv.client(ADMIN) as c:
-        expected = {"original": "ready", "broken": "failed"}
-        deadline = time.monotonic() + 30
-        states: dict[str, str] = {}
-        while time.monotonic() < deadline and states != expected:
-            time.sleep(0.2)
-            versions = c.get("/v1/models/g-broken").json()["versions"]
-            states = {v["name"]: v["state"] for v in versions[0]["variants"]}
-        assert states == expected, states
+
+        def states() -> dict[str, str]:
+            return {v["name"]: v["state"] for v in c.get("/v1/models/g-broken").json()["versions"][0]["variants"]}
+
+        wait_for("the broken variant's failure", lambda: states() == {"original": "ready", "broken": "failed"}, 30)
     inp = grpcclient.InferInput("x", [1, 4], "FP32")
     inp.set_data_from_numpy(np.ones((1, 4), np.float32))
     with pytest.raises(InferenceServerException) as e:

@@ -295,8 +295,9 @@ def _echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
 
 
 class _LazyMetadata(Mapping[str, str]):
-    """The call's metadata, read only when asked: only a traffic policy with a sticky key reads it, and building
-    the dict on every call is measurable on the hot path (docs/benchmarks/grpc-h2load.md)."""
+    """The call's metadata, read only when asked: only the token check (when a token is set) and a traffic policy
+    with a sticky key read it, and building the dict on every call is measurable on the hot path
+    (docs/benchmarks/grpc-h2load.md)."""
 
     __slots__ = ("_context", "_items")
 

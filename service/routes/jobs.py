@@ -157,7 +157,7 @@ async def _start(
     stored = spec.model_dump(exclude_none=True)
     assert original is not None
     # the upload recorded the inputs: no need to read and parse the model on the request path
-    inputs = [TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in original.details["inputs"]]
+    inputs = [TensorSpec.from_dict(t) for t in original.details["inputs"]]
     samples: int | None = original.details.get("calibration_samples") if record.calibration_sha256 else None
     try:
         if calibration is not None:
