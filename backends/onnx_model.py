@@ -380,6 +380,16 @@ _SIZE_INPUTS = {
     "OneHot": (1,),
     "Pad": (1,),
     "CenterCropPad": (1,),
+    "HannWindow": (0,),
+    "HammingWindow": (0,),
+    "BlackmanWindow": (0,),
+    "MelWeightMatrix": (0, 1),
+    "DFT": (1,),
+    "STFT": (1, 3),
+    "Col2Im": (1, 2),
+    "MaxUnpool": (2,),
+    "AffineGrid": (1,),
+    "ImageDecoder": (0,),  # the decoded image's size is in the encoded bytes
 }
 
 

@@ -53,6 +53,19 @@ def test_sizes_from_constants_are_bounded_and_from_run_time_values_are_not() -> 
     assert not compute_bounded_by_shapes(ranged)
 
 
+@pytest.mark.parametrize(
+    ("op", "size_input", "arity"),
+    [("HannWindow", 0, 1), ("DFT", 1, 2), ("Col2Im", 1, 3), ("MaxUnpool", 2, 3), ("AffineGrid", 1, 2)],
+)
+def test_every_operator_sized_by_a_value_is_not_bounded(op: str, size_input: int, arity: int) -> None:
+    """Signal, image and unpooling operators whose output size is one of their inputs' values: a run-time value
+    there is refused, a constant is not."""
+    consts = [numpy_helper.from_array(np.array(2, np.int64), f"c{i}") for i in range(arity)]
+    fed = [("n" if i == size_input else f"c{i}") for i in range(arity)]
+    assert not compute_bounded_by_shapes(_graph([helper.make_node(op, fed, ["y"])], [N], consts))
+    assert compute_bounded_by_shapes(_graph([helper.make_node(op, [f"c{i}" for i in range(arity)], ["y"])], [], consts))
+
+
 def test_control_flow_is_never_bounded() -> None:
     body_out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
     branch = helper.make_graph([helper.make_node("Identity", ["x"], ["out"])], "b", [], [body_out])
